@@ -1,0 +1,1 @@
+"""rillet-dagster: Rillet accounting data into a SQL warehouse with Dagster."""

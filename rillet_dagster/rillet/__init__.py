@@ -1,0 +1,1 @@
+"""Talking to Rillet: the client, its errors, money, the shared rate budget and signatures."""

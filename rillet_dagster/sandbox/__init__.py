@@ -1,0 +1,1 @@
+"""The Rillet sandbox simulator: a local, faithful stand-in for the Rillet API."""

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Set up the project and run it: the only entry point a fresh machine needs (Python 3.11+ only).
+
+    python3 run.py dev      # set up, then start the Rillet sandbox and the Dagster UI
+    python3 run.py test     # set up, then run ruff and the full test suite
+    python3 run.py bench    # set up, then run every benchmark in bench/
+    python3 run.py setup    # only set up (.venv from uv.lock)
+
+Set-up installs uv (pinned) into .tools/ with pip, then `uv sync --locked` builds .venv from
+uv.lock, so every machine runs exactly the locked dependency set. Re-running is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+TOOLS = ROOT / ".tools"
+VENV = ROOT / ".venv"
+UV_VERSION = "0.13.9"
+
+
+def _bin(env_dir: Path, name: str) -> Path:
+    return env_dir / ("Scripts" if os.name == "nt" else "bin") / name
+
+
+def _run(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, check=False)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"rillet-dagster needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
+    uv = _bin(TOOLS, "uv")
+    if not uv.exists():
+        print(f"run.py: installing uv {UV_VERSION} into {TOOLS.name}/", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(TOOLS)
+        _run(_bin(TOOLS, "python"), "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}")
+    env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(VENV), UV_PYTHON=sys.executable)
+    _run(uv, "sync", "--locked", "--quiet", env=env)
+
+
+def main(argv: list[str]) -> None:
+    command, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    if command in {"help", "-h", "--help"}:
+        print(__doc__)
+        return
+    if command not in {"setup", "dev", "test", "bench"}:
+        sys.exit(f"run.py: unknown command {command!r}; use one of: dev, test, bench, setup")
+    setup()
+    if command == "dev":
+        os.execv(_bin(VENV, "rillet-dagster"), ["rillet-dagster", "dev", *rest])
+    elif command == "test":
+        _run(_bin(VENV, "ruff"), "check", ".")
+        _run(_bin(VENV, "ruff"), "format", "--check", ".")
+        _run(_bin(VENV, "python"), "-m", "pytest", *rest)
+    elif command == "bench":
+        _run(_bin(VENV, "python"), "-m", "bench", *rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
