@@ -303,7 +303,14 @@ ENTITIES: tuple[EntitySpec, ...] = (
             *_eq("subsidiary_id", "customer_id", "status"),
             FilterSpec("overdue", "overdue", FilterOp.BOOL),
         ),
-        money_fields=("subtotal", "total_discount", "taxed_amount", "net_amount", "total", "amount_due"),
+        money_fields=(
+            "subtotal",
+            "total_discount",
+            "taxed_amount",
+            "net_amount",
+            "total",
+            "amount_due",
+        ),
         key_fields=(
             "subsidiary_id",
             "customer_id",
@@ -506,7 +513,10 @@ ENTITIES: tuple[EntitySpec, ...] = (
         date_field="charge_date",
         children=(
             ChildSpec(
-                name="charge_item", field="items", money_fields=_BILL_LINE_MONEY, key_fields=_BILL_LINE
+                name="charge_item",
+                field="items",
+                money_fields=_BILL_LINE_MONEY,
+                key_fields=_BILL_LINE,
             ),
         ),
         description="One row is a company credit-card charge.",
@@ -598,7 +608,15 @@ ENTITIES: tuple[EntitySpec, ...] = (
         paginated=False,
         get_by_id=False,
         filters=_eq("subsidiary_id"),
-        key_fields=("name", "bank_name", "currency", "subsidiary_id", "account_code", "mask", "status"),
+        key_fields=(
+            "name",
+            "bank_name",
+            "currency",
+            "subsidiary_id",
+            "account_code",
+            "mask",
+            "status",
+        ),
         description="One row is a bank account connected to Rillet.",
     ),
     EntitySpec(
@@ -611,7 +629,15 @@ ENTITIES: tuple[EntitySpec, ...] = (
         sort_by=True,
         filters=(*_eq("bank_account_id", "subsidiary_id"), *_POSTING_DATE),
         money_fields=("net_amount", "fee"),
-        key_fields=("bank_account_id", "subsidiary_id", "date", "name", "merchant", "pending", "excluded"),
+        key_fields=(
+            "bank_account_id",
+            "subsidiary_id",
+            "date",
+            "name",
+            "merchant",
+            "pending",
+            "excluded",
+        ),
         date_field="date",
         description="One row is a bank-feed transaction of a connected bank account.",
     ),
@@ -634,7 +660,9 @@ ENTITIES: tuple[EntitySpec, ...] = (
         has_updated_at=True,
         get_by_id=False,
         key_fields=("name",),
-        children=(ChildSpec(name="field_value", field="values", key_fields=("name", "deactivated")),),
+        children=(
+            ChildSpec(name="field_value", field="values", key_fields=("name", "deactivated")),
+        ),
         description="One row is a custom field (dimension) with its allowed values.",
     ),
     EntitySpec(

@@ -61,7 +61,9 @@ class FakeClock:
 
 def isoformat_z(moment: datetime) -> str:
     """RFC 3339 UTC with a ``Z`` and milliseconds, the form Rillet uses for ``updated_at``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return (
+        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_timestamp(text: str) -> datetime:

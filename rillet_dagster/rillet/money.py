@@ -42,7 +42,7 @@ def to_decimal(value: object) -> Decimal:
         if not value.is_finite():
             raise MoneyError(f"amount {value!r} is not a finite number")
         return value
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise MoneyError(
             f"amount {value!r} is a {type(value).__name__}; money must be a decimal string"
         )
