@@ -35,8 +35,6 @@ def _run(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"rillet-dagster needs Python 3.11 or newer; this is {sys.version.split()[0]}.")
     uv = _bin(TOOLS, "uv")
     if not uv.exists():
         print(f"run.py: installing uv {UV_VERSION} into {TOOLS.name}/", flush=True)

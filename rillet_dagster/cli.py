@@ -1,0 +1,143 @@
+"""``rillet-dagster``: the command line.
+
+rillet-dagster sandbox [--port 8765] [--seed 7] [--size small] [--api-key KEY]
+                       [--webhook-url URL --webhook-token TOKEN] [--activity RATE]
+                       [--faults error_rate=0.1,latency=20-500] [--rate-limit 60/60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rillet_dagster.sandbox.data import SIZES, parse_size
+from rillet_dagster.sandbox.faults import parse_faults
+from rillet_dagster.sandbox.server import (
+    DEFAULT_API_KEY,
+    SandboxOptions,
+    build_sandbox,
+    serve_forever,
+)
+from rillet_dagster.settings import RateLimit, SettingsError
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of changes per second")
+    return value
+
+
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _faults(text: str) -> str:
+    try:
+        parse_faults(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _rate_limit(text: str) -> RateLimit:
+    try:
+        return RateLimit.parse(text, variable="--rate-limit")
+    except SettingsError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rillet-dagster", description="Rillet accounting data into a warehouse, with Dagster."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run the local Rillet sandbox simulator",
+        description="Serve a simulated Rillet organization on loopback (no network, no key).",
+    )
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8765)
+    sandbox.add_argument("--seed", type=int, default=7, help="same seed, same company (default 7)")
+    sandbox.add_argument(
+        "--size",
+        type=_size,
+        default="small",
+        help=f"one of {', '.join(SIZES)} or customers=N,vendors=N,journal_entries=N",
+    )
+    sandbox.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        help=f"accepted bearer key (repeatable; default {DEFAULT_API_KEY!r})",
+    )
+    sandbox.add_argument("--webhook-url", action="append", default=[], dest="webhook_urls")
+    sandbox.add_argument(
+        "--webhook-token",
+        action="append",
+        default=[],
+        dest="webhook_tokens",
+        help="base64 signing token (repeat to sign with several, as during rotation)",
+    )
+    sandbox.add_argument(
+        "--activity",
+        type=_positive_rate,
+        metavar="RATE",
+        help="keep creating, updating and deleting records at RATE changes per second",
+    )
+    sandbox.add_argument("--faults", type=_faults, default="", help="e.g. error_rate=0.1")
+    sandbox.add_argument("--rate-limit", type=_rate_limit, default=RateLimit())
+    return parser
+
+
+def run_sandbox(args: argparse.Namespace) -> None:
+    keys = tuple(args.api_keys or (DEFAULT_API_KEY,))
+    options = SandboxOptions(
+        seed=args.seed,
+        size=args.size,
+        api_keys=keys,
+        rate_limit=args.rate_limit.requests,
+        rate_window_seconds=args.rate_limit.window_seconds,
+        faults=parse_faults(args.faults),
+        webhook_urls=args.webhook_urls,
+        webhook_tokens=args.webhook_tokens,
+    )
+    try:
+        sandbox = build_sandbox(options)
+    except ValueError as error:
+        sys.exit(f"rillet-dagster sandbox: {error}")
+    base_url = f"http://{args.host}:{args.port}"
+    counts = {name: len(c) for name, c in sandbox.world.store.collections.items() if len(c)}
+    print(f"Rillet sandbox (seed {args.seed}, size {args.size}): {sum(counts.values())} records")
+    print(f"  export RILLET_BASE_URL={base_url}")
+    print(f"  export RILLET_API_KEY={keys[0]}")
+    print(f"  try: curl -H 'Authorization: Bearer {keys[0]}' -H 'X-Rillet-API-Version: 4' "
+          f"'{base_url}/invoices?limit=2'")  # fmt: skip
+    print(f"  sandbox controls (faults, webhooks, stats): {base_url}/_sandbox", flush=True)
+    activity = None
+    if args.activity:
+        from rillet_dagster.sandbox.activity import Activity
+
+        activity = Activity(sandbox.writer, sandbox.world, rate_per_second=args.activity)
+        activity.start()
+        print(f"  activity: about {args.activity:g} changes per second", flush=True)
+    try:
+        serve_forever(sandbox, args.host, args.port)
+    finally:
+        if activity is not None:
+            activity.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "sandbox":
+        run_sandbox(args)
