@@ -141,3 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "sandbox":
         run_sandbox(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -74,9 +74,9 @@ _DOCUMENTS: tuple[tuple[str, str, str | None, str], ...] = (
     ("vendor_credit", "vendor credit", "credit_number", "/vendor-credits/{id}"),
 )
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_DECIMAL = re.compile(r"^-?\d+(\.\d+)?$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_COUNTRY = re.compile(r"[A-Z]{2}")
 # Unit prices are not RoundedMonetaryAmount (usage is priced in fractions of a cent); this bounds
 # them to something a person would type.
 _UNIT_PRICE_DECIMALS = 10
@@ -203,7 +203,9 @@ class _Check:
         if required:
             self.add(path, f"{key} must not be null")
 
-    def text(self, obj: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> Any:
+    def text(
+        self, obj: Mapping[str, Any], key: str, path: str, *, required: bool = False
+    ) -> str | None:
         """A trimmed string; blank counts as absent."""
         where = _join(path, key)
         value = obj.get(key)
@@ -220,14 +222,16 @@ class _Check:
             return None
         return value
 
-    def day(self, obj: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> Any:
+    def day(
+        self, obj: Mapping[str, Any], key: str, path: str, *, required: bool = False
+    ) -> date | None:
         where = _join(path, key)
         value = obj.get(key)
         if value is None:
             self._missing(where, key, required)
             return None
         text = value.strip() if isinstance(value, str) else None
-        if text is None or not _DATE.match(text):
+        if text is None or not _DATE.fullmatch(text):
             self.add(where, f"{key} {value!r} must be a date in YYYY-MM-DD form")
             return None
         try:
@@ -394,7 +398,7 @@ class _Check:
             )
             return None
         text = value.strip()
-        if not _DECIMAL.match(text):
+        if not _DECIMAL.fullmatch(text):
             self.add(where, f'amount {value!r} is not a decimal number like "10.00"')
             return None
         return Decimal(text)
@@ -544,7 +548,7 @@ class Writer:
             else:
                 address[part] = check.text(value, part, key)
         country = address["country"]
-        if country is not None and not _COUNTRY.match(country):
+        if country is not None and not _COUNTRY.fullmatch(country):
             check.add(
                 _join(key, "country"),
                 f"country {country!r} must be an ISO 3166-1 alpha-2 code like US",
@@ -1295,7 +1299,7 @@ class Writer:
             if isinstance(value, bool):
                 raise InvalidOperation
             if isinstance(value, str):
-                if not _DECIMAL.match(value.strip()):
+                if not _DECIMAL.fullmatch(value.strip()):
                     raise InvalidOperation
                 percentage = Decimal(value.strip())
             elif isinstance(value, float):
@@ -1321,7 +1325,7 @@ class Writer:
             result[key] = check.currency_code(rate.get(key), _join("exchange_rate", key))
         value = rate.get("rate")
         text = value.strip() if isinstance(value, str) else None
-        if text is None or not _DECIMAL.match(text) or Decimal(text) <= 0:
+        if text is None or not _DECIMAL.fullmatch(text) or Decimal(text) <= 0:
             check.add("exchange_rate.rate", f"rate {value!r} must be a positive decimal string")
         result["rate"] = text
         day = check.day(rate, "date", "exchange_rate", required=True)

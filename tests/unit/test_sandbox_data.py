@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, date, datetime
 
 import pytest
 
 from rillet_dagster.rillet.money import Money
 from rillet_dagster.sandbox.data import World, generate, parse_size
+from rillet_dagster.sandbox.store import dumps
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
 
@@ -103,6 +105,8 @@ def test_bulk_ids_map_back_to_rows(world: World) -> None:
     assert bulk is not None
     for row in (0, 1, len(bulk) - 1):
         assert bulk.index_of(bulk.record_id(row)) == row
+        parsed = uuid.UUID(bulk.record_id(row))
+        assert str(parsed) == bulk.record_id(row) and parsed.version == 4
     assert bulk.index_of("00000000-0000-4000-8000-000000000000") is None
     assert bulk.index_of("not-a-uuid") is None
 
@@ -112,3 +116,10 @@ def test_sizes() -> None:
     assert parse_size("customers=3,vendors=2,journal_entries=10").bulk_journal_entries == 10
     with pytest.raises(ValueError, match="tiny"):
         parse_size("enormous")
+
+
+def test_bulk_json_rendering_equals_serializing_the_record(world: World) -> None:
+    bulk = world.bulk
+    assert bulk is not None
+    for row in range(len(bulk)):
+        assert bulk.render_json(row) == dumps(bulk.render(row)), row

@@ -161,6 +161,8 @@ def snapshot(env: Env) -> Json:
         "posting_of": dict(world.posting_of),
         "payments_of": {k: list(v) for k, v in world.payments_of.items() if v},
         "events": len(env.events),
+        # Ids come from the world's seeded generator: a refusal must not consume any.
+        "rng": world.rng.getstate(),
     }
 
 
@@ -1499,9 +1501,13 @@ def test_random_balanced_entries_always_post(
     subsidiary = env.sub(which)
     before = ledger_sums(env.world, which)
     entry = env.writer.create_journal_entry(_minor_body(lines, subsidiary))
-    debits = sum(m for _, side, m in lines if side == "DEBIT")
-    assert debits == sum(m for _, side, m in lines if side == "CREDIT")
-    assert movement(before, ledger_sums(env.world, which)) == entry_movement(entry)
+    posted = entry_movement(entry)
+    assert sum(d for d, _ in posted.values()) == sum(c for _, c in posted.values())
+    assert sorted((i["account_code"], i["side"]) for i in entry["items"]) == sorted(
+        (code, side) for code, side, _ in lines
+    )
+    assert movement(before, ledger_sums(env.world, which)) == posted
+    assert env.world.store["journal_entry"].get(entry["id"]) == entry
     assert_balanced(env.world)
 
 

@@ -1,0 +1,22 @@
+"""Run benchmarks: ``python -m bench [name ...]`` (default: all)."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import sandbox_bench
+
+BENCHMARKS = {"sandbox": sandbox_bench.main}
+
+
+def main(argv: list[str]) -> None:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    for name in names:
+        BENCHMARKS[name]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
