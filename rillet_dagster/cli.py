@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the local Rillet sandbox simulator",
         description="Serve a simulated Rillet organization on loopback (no network, no key).",
     )
+    _sandbox_arguments(sandbox)
+    dev = commands.add_parser(
+        "dev",
+        help="the local development stack (today: the sandbox with live activity)",
+        description="Start everything a newcomer needs locally: the sandbox simulator with "
+        "live activity so that records keep changing.",
+    )
+    _sandbox_arguments(dev)
+    dev.set_defaults(activity=1.0)
+    return parser
+
+
+def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8765)
     sandbox.add_argument("--seed", type=int, default=7, help="same seed, same company (default 7)")
@@ -96,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("--faults", type=_faults, default="", help="e.g. error_rate=0.1")
     sandbox.add_argument("--rate-limit", type=_rate_limit, default=RateLimit())
-    return parser
 
 
 def run_sandbox(args: argparse.Namespace) -> None:
@@ -139,7 +151,7 @@ def run_sandbox(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "sandbox":
+    if args.command in {"sandbox", "dev"}:
         run_sandbox(args)
 
 
