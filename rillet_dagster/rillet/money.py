@@ -7,6 +7,7 @@ parse_float=Decimal)``) before they reach here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
@@ -17,6 +18,9 @@ _MINOR_UNITS: dict[str, int] = {
     "RWF": 0, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
     "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3, "CLF": 4, "UYW": 4,
 }  # fmt: skip
+
+
+_PLAIN_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 
 
 class MoneyError(ValueError):
@@ -49,14 +53,12 @@ def to_decimal(value: object) -> Decimal:
     if isinstance(value, int):
         return Decimal(value)
     if isinstance(value, str):
-        text = value.strip()
+        if not _PLAIN_DECIMAL.match(value):
+            raise MoneyError(f"amount {value!r} is not a plain decimal number like '1234.50'")
         try:
-            result = Decimal(text)
+            return Decimal(value)
         except InvalidOperation:
             raise MoneyError(f"amount {value!r} is not a decimal number") from None
-        if not result.is_finite() or text != value or "_" in text:
-            raise MoneyError(f"amount {value!r} is not a plain decimal number")
-        return result
     raise MoneyError(f"amount {value!r} is a {type(value).__name__}, not a decimal string")
 
 
