@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import sandbox_bench
+from bench import ratelimit_bench, sandbox_bench
 
-BENCHMARKS = {"sandbox": sandbox_bench.main}
+BENCHMARKS = {
+    "sandbox": sandbox_bench.main,
+    "ratelimit": ratelimit_bench.main,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -174,8 +174,9 @@ def _create_engine(url: URL) -> Engine:
             # the admission check and the insert happen under SQLite's single write lock.
             dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
             cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_SECONDS * 1000)}")
             cursor.execute("PRAGMA journal_mode = WAL")
+            # A power cut may lose the last few slots (at worst one 429 and a pause later);
+            # not worth an fsync on every request.
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.close()
 
