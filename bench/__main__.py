@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import ratelimit_bench, sandbox_bench
+from bench import client_bench, ratelimit_bench, sandbox_bench
 
 BENCHMARKS = {
     "sandbox": sandbox_bench.main,
+    "client": client_bench.main,
     "ratelimit": ratelimit_bench.main,
 }
 

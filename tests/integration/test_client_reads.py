@@ -251,3 +251,45 @@ def test_validation_error_is_typed_and_not_retried(
     ]
     assert len(named) == 1
     assert isinstance(Decimal(created["items"][0]["amount"]["amount"]), Decimal)
+
+
+class DropFirstPostResponse(httpx.BaseTransport):
+    """Delivers the first POST to the server, then loses its response (a reset after commit)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.posts: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST":
+            self.posts.append(request.headers.get("Idempotency-Key"))
+            if len(self.posts) == 1:
+                response.read()
+                response.close()
+                raise httpx.RemoteProtocolError(
+                    "connection reset before the response", request=request
+                )
+        return response
+
+
+def test_post_whose_response_was_lost_is_retried_with_the_same_key_and_created_once(
+    sandbox: SandboxServer, clock: FakeClock
+) -> None:
+    transport = DropFirstPostResponse()
+    body = {"name": "Reset Corp", "emails": [{"email": "ap@reset.example", "type": "MAIN_SENDER"}]}
+    with RilletClient(
+        api_key=API_KEY,
+        base_url=sandbox.base_url,
+        clock=clock,
+        retry=FAST_RETRY,
+        transport=transport,
+    ) as c:
+        created = c.create("customer", body, idempotency_key="customer-reset-1")
+    assert transport.posts == ["customer-reset-1", "customer-reset-1"]
+    named = [
+        r
+        for r in sandbox.sandbox.world.store["customer"].all_records()
+        if r["name"] == "Reset Corp"
+    ]
+    assert [r["id"] for r in named] == [created["id"]]
