@@ -10,6 +10,7 @@ BENCHMARKS = {
     "sandbox": sandbox_bench.main,
     "client": client_bench.main,
     "ratelimit": ratelimit_bench.main,
+    "warehouse": lambda: __import__("bench.warehouse_bench", fromlist=["main"]).main(),
 }
 
 

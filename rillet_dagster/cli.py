@@ -68,12 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sandbox_arguments(sandbox)
     dev = commands.add_parser(
         "dev",
-        help="the local development stack (today: the sandbox with live activity)",
-        description="Start everything a newcomer needs locally: the sandbox simulator with "
-        "live activity so that records keep changing.",
+        help="the local stack: sandbox with live activity, Dagster UI and daemon, first sync",
+        description="Start the sandbox simulator with live activity, the Dagster UI and daemon "
+        "(persistent DAGSTER_HOME, default ./.dagster_home) and launch sync_all into the SQLite "
+        "warehouse.",
     )
-    _sandbox_arguments(dev)
-    dev.set_defaults(activity=1.0)
+    dev.add_argument("--port", type=int, default=8765, help="sandbox port (default 8765)")
+    dev.add_argument("--ui-port", type=int, default=3000, help="Dagster UI port (default 3000)")
+    dev.add_argument("--seed", type=int, default=7)
+    dev.add_argument("--size", type=_size, default="small")
+    dev.add_argument("--activity", type=_positive_rate, default=1.0, metavar="RATE")
     return parser
 
 
@@ -151,8 +155,20 @@ def run_sandbox(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in {"sandbox", "dev"}:
+    if args.command == "sandbox":
         run_sandbox(args)
+    elif args.command == "dev":
+        from rillet_dagster.dev import run_dev
+
+        sys.exit(
+            run_dev(
+                seed=args.seed,
+                size=args.size,
+                sandbox_port=args.port,
+                ui_port=args.ui_port,
+                activity=args.activity,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Settings:
     warehouse_url: str = ""
     state_url: str = ""
     rate_limit: RateLimit = field(default_factory=RateLimit)
-    start_date: date = date(2025, 1, 1)
+    start_date: date = date(2026, 11, 1)
     has_api_key: bool = False
     webhook_secret_count: int = 0
 
@@ -104,7 +104,7 @@ class Settings:
         data_dir = default_data_dir(env)
         warehouse = env.get(WAREHOUSE_URL_VAR) or f"sqlite:///{data_dir / 'warehouse.db'}"
         state = env.get(STATE_URL_VAR) or f"sqlite:///{data_dir / 'state.db'}"
-        start_text = env.get(START_DATE_VAR, "2025-01-01")
+        start_text = env.get(START_DATE_VAR, "2026-11-01")
         try:
             start = date.fromisoformat(start_text)
         except ValueError:

@@ -1,0 +1,1 @@
+"""Dagster assets: Rillet entities (and, later, reports, models and checks)."""

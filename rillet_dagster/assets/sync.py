@@ -1,0 +1,225 @@
+"""One sync pass of one entity: read from Rillet, load the warehouse, report what happened.
+
+State handling: records are upserted batch by batch (each batch one transaction, monotonic, so a
+rerun after a crash neither loses nor duplicates anything); the watermark is written only after
+the whole pass has been read and loaded, so it is never ahead of the committed rows. Deletions
+are inferred only from a complete full pass (a partial pass proves nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from rillet_dagster import catalog
+from rillet_dagster.catalog import EntitySpec
+from rillet_dagster.clock import parse_timestamp
+from rillet_dagster.rillet.client import RilletClient
+from rillet_dagster.warehouse import load
+from rillet_dagster.warehouse.schema import build_metadata, table_name
+
+BATCH_SIZE = 1000
+_METADATA = build_metadata()
+
+
+@dataclass
+class TableTally:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped_older: int = 0
+    soft_deleted: int = 0
+    in_window: int = 0
+    preview: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def add(self, result: load.UpsertResult) -> None:
+        self.inserted += result.inserted
+        self.updated += result.updated
+        self.unchanged += result.unchanged
+        self.skipped_older += result.skipped_older
+
+
+@dataclass(frozen=True)
+class Window:
+    """The partition range of a run: [start, end); ``full`` when it starts at the first one."""
+
+    start: datetime | None
+    end: datetime | None
+    full: bool
+
+    def contains(self, moment: datetime | None) -> bool:
+        if moment is None or self.start is None or self.end is None:
+            return True
+        return (self.full or moment >= self.start) and moment < self.end
+
+
+def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def sync_entity(
+    spec: EntitySpec,
+    client: RilletClient,
+    engine: Engine,
+    *,
+    window: Window,
+    run_id: str,
+    log: Any,
+) -> list[dg.MaterializeResult]:
+    """Run one pass of ``spec`` and return a MaterializeResult per table it fills."""
+    synced_at = datetime.now(UTC)
+    header = TableTally()
+    children = {child.name: TableTally() for child in spec.children}
+    extra = {"bill_payment": TableTally()} if spec.name == "bill" else {}
+    seen: set[str] = set()
+    updated_since = None if window.full else window.start
+    if spec.single:
+        record = client.get_single(spec.name)
+        records: Iterable[dict[str, Any]] = [record] if record is not None else []
+        stream = None
+    else:
+        stream = client.iter_records(spec.name, updated_since=updated_since)
+        records = stream
+    for batch in _batches(records, BATCH_SIZE):
+        with engine.begin() as connection:
+            header.add(
+                load.upsert_records(connection, spec, batch, run_id=run_id, synced_at=synced_at)
+            )
+        for record in batch:
+            seen.add(record["id"])
+            stamp = record.get("updated_at")
+            moment = parse_timestamp(stamp) if isinstance(stamp, str) else None
+            header.in_window += window.contains(moment)
+            for child in spec.children:
+                children[child.name].in_window += len(record.get(child.field) or [])
+        if len(header.preview) < 5:
+            header.preview.extend(batch[: 5 - len(header.preview)])
+        if spec.name == "bill":
+            _sync_bill_payments(client, engine, batch, extra["bill_payment"], run_id, synced_at)
+        log.info(f"{spec.name}: loaded {len(seen)} records so far")
+    complete = stream is None or stream.complete
+    if complete and updated_since is None:
+        # Only a complete pass over everything proves that a missing record was deleted.
+        with engine.begin() as connection:
+            header.soft_deleted = load.mark_missing_deleted(connection, spec, seen, synced_at)
+    if complete and stream is not None and spec.incremental:
+        watermark = stream.watermark
+        if watermark is not None:
+            with engine.begin() as connection:
+                load.set_watermark(connection, spec.name, watermark, run_id)
+    watermark_text = None
+    with engine.connect() as connection:
+        stored = load.get_watermark(connection, spec.name)
+        watermark_text = stored.isoformat() if stored else None
+    stats = client.stats.as_metadata()
+    results = [_result(spec.name, header, stats, watermark_text, engine)]
+    for child in spec.children:
+        results.append(_result(child.name, children[child.name], stats, watermark_text, engine))
+    for name, tally in extra.items():
+        results.append(_result(name, tally, stats, watermark_text, engine))
+    return results
+
+
+def _sync_bill_payments(
+    client: RilletClient,
+    engine: Engine,
+    bills: list[dict[str, Any]],
+    tally: TableTally,
+    run_id: str,
+    synced_at: datetime,
+) -> None:
+    """Rillet has no org-wide bill-payment feed: read the payments of each changed bill."""
+    spec = catalog.entity("bill_payment")
+    table = _METADATA.tables[table_name("bill_payment")]
+    for bill in bills:
+        payments = client.children("bill_payment", bill["id"])
+        with engine.begin() as connection:
+            tally.add(
+                load.upsert_records(connection, spec, payments, run_id=run_id, synced_at=synced_at)
+            )
+            live = connection.execute(
+                select(table.c.id).where(
+                    table.c.bill_id == bill["id"], table.c.deleted_at.is_(None)
+                )
+            ).scalars()
+            gone = set(live) - {p["id"] for p in payments}
+            if gone:
+                load.soft_delete(connection, spec, gone, synced_at)
+                tally.soft_deleted += len(gone)
+        tally.in_window += len(payments)
+        if len(tally.preview) < 5:
+            tally.preview.extend(payments[: 5 - len(tally.preview)])
+
+
+def _result(
+    name: str,
+    tally: TableTally,
+    stats: Mapping[str, int | float],
+    watermark: str | None,
+    engine: Engine,
+) -> dg.MaterializeResult:
+    table = _METADATA.tables[table_name(name)]
+    with engine.connect() as connection:
+        query = select(func.count()).select_from(table)
+        if "deleted_at" in table.c:
+            query = query.where(table.c.deleted_at.is_(None))
+        rows = int(connection.execute(query).scalar_one())
+    metadata: dict[str, Any] = {
+        "dagster/row_count": rows,
+        "dagster/partition_row_count": tally.in_window,
+        "dagster/table_name": table.name,
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(c.name, str(c.type)) for c in table.columns]
+        ),
+        "rows_inserted": tally.inserted,
+        "rows_updated": tally.updated,
+        "rows_unchanged": tally.unchanged,
+        "rows_skipped_older": tally.skipped_older,
+        "rows_soft_deleted": tally.soft_deleted,
+        "preview": dg.MetadataValue.md(_preview(tally.preview)),
+        **{f"api_{k}": v for k, v in stats.items()},
+    }
+    if watermark:
+        metadata["watermark"] = watermark
+    return dg.MaterializeResult(asset_key=asset_key(name), metadata=metadata)
+
+
+def asset_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["rillet", table_name(name)])
+
+
+def _preview(records: list[Mapping[str, Any]]) -> str:
+    """A five-row markdown table of the first records (scalars only; money as its text)."""
+    if not records:
+        return "_no rows in this run_"
+    columns: list[str] = []
+    for record in records:
+        for key, value in record.items():
+            if key not in columns and len(columns) < 8 and _cell(value) is not None:
+                columns.append(key)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for record in records:
+        lines.append("| " + " | ".join(_cell(record.get(c)) or "" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str | None:
+    if isinstance(value, Mapping) and set(value) == {"amount", "currency"}:
+        return f"{value['amount']} {value['currency']}"
+    if isinstance(value, str | int | bool) or value is None:
+        text = "" if value is None else str(value)
+        return text.replace("|", "\\|")[:60]
+    return None

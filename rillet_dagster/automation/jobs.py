@@ -1,0 +1,15 @@
+"""Jobs: what a person (or a schedule) launches."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+ENTITY_GROUPS = ("rillet_entities", "rillet_reports")
+
+sync_all = dg.define_asset_job(
+    "sync_all",
+    selection=dg.AssetSelection.groups(*ENTITY_GROUPS),
+    description="Sync every Rillet entity into the warehouse (incremental ones for the chosen "
+    "days; one API pass whatever the range).",
+    tags={"rillet/trigger": "manual"},
+)

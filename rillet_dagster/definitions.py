@@ -1,0 +1,35 @@
+"""The Definitions object: every asset, job, schedule, sensor and resource, assembled here."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from rillet_dagster.assets.entities import build_entity_assets, daily_partitions
+from rillet_dagster.automation.jobs import sync_all
+from rillet_dagster.automation.schedules import hourly_backstop
+from rillet_dagster.resources import RilletResource, WarehouseResource
+from rillet_dagster.settings import API_KEY_VAR, Settings
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    partitions = daily_partitions(settings)
+    return dg.Definitions(
+        assets=build_entity_assets(settings),
+        jobs=[sync_all],
+        schedules=[hourly_backstop(partitions)],
+        resources={
+            "rillet": RilletResource(
+                base_url=settings.base_url,
+                api_key=dg.EnvVar(API_KEY_VAR) if settings.has_api_key else "",
+                api_version=settings.api_version,
+                state_url=settings.state_url,
+                rate_limit_requests=settings.rate_limit.requests,
+                rate_limit_window_seconds=settings.rate_limit.window_seconds,
+            ),
+            "warehouse": WarehouseResource(url=settings.warehouse_url),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,207 @@
+"""Column types that keep money exact and time unambiguous on SQLite and PostgreSQL.
+
+* :class:`ExactDecimal`: ``NUMERIC`` (no precision or scale, so arbitrary and exact) on PostgreSQL;
+  on SQLite the canonical plain decimal text, because SQLite's own ``NUMERIC`` affinity turns
+  ``"12345678901234567890.12"`` into a 64-bit float.
+* :class:`UtcDateTime`: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL; fixed-width ISO-8601 UTC text
+  with microseconds on SQLite, so that comparing the text compares the instants.
+* :data:`RECORD_JSON`: the full record as received (``JSONB`` on PostgreSQL).
+
+JSON text is written by :func:`dumps` and read by :func:`loads`: a ``Decimal`` inside a record (a
+JSON number parsed with ``parse_float=Decimal``) is written as its exact digits and read back as a
+``Decimal``, never through a float.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from functools import partial
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Dialect, Text
+from sqlalchemy.dialects.postgresql import JSONB, NUMERIC
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+def to_exact_decimal(value: object) -> Decimal:
+    """A finite ``Decimal`` from a Decimal, int or decimal string; a float (or bool) is refused."""
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, bool | float):
+        raise TypeError(
+            f"{value!r} is a {type(value).__name__}; money and quantities must be Decimal, int or "
+            "a decimal string (parse JSON with parse_float=Decimal)"
+        )
+    elif isinstance(value, int | str):
+        try:
+            result = Decimal(str(value))
+        except InvalidOperation:
+            raise ValueError(f"{value!r} is not a decimal number") from None
+    else:
+        raise TypeError(f"{value!r} is a {type(value).__name__}, not a decimal number")
+    if not result.is_finite():
+        raise ValueError(f"{value!r} is not a finite decimal number")
+    return result
+
+
+def decimal_text(value: Decimal) -> str:
+    """Plain decimal text: never scientific notation, every digit (and trailing zero) kept."""
+    return format(value, "f")
+
+
+class ExactDecimal(TypeDecorator[Decimal]):
+    """An exact decimal of any size and scale, read back as ``Decimal``."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(NUMERIC(asdecimal=True))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Decimal | str | None:
+        if value is None:
+            return None
+        exact = to_exact_decimal(value)
+        if dialect.name == "postgresql":
+            return exact
+        return decimal_text(exact)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            # Only a column created outside this schema (REAL or NUMERIC affinity) can do this,
+            # and its digits are already gone: say so rather than hand out a rounded amount.
+            raise TypeError(f"column holds the float {value!r}; it was not stored exactly")
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def sqlite_timestamp(value: datetime) -> str:
+    """The SQLite text form of an aware datetime (what :class:`UtcDateTime` stores).
+
+    Always ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``: fixed width and in UTC, so that SQLite's text
+    comparison orders instants correctly.
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"datetime {value!r} is naive; give it a timezone (UTC)")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware instant, always returned in UTC; naive datetimes are refused."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | str | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"{value!r} is a {type(value).__name__}, not a datetime")
+        if dialect.name == "sqlite":
+            return sqlite_timestamp(value)
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"datetime {value!r} is naive; give it a timezone (UTC)")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+RECORD_JSON: TypeEngine[Any] = JSON(none_as_null=True).with_variant(
+    JSONB(none_as_null=True), "postgresql"
+)
+
+
+class _NeedsExactEncoder(Exception):
+    """Raised inside the fast C encoder when a value (a Decimal) needs the exact encoder."""
+
+
+def _refuse(value: object) -> None:
+    raise _NeedsExactEncoder
+
+
+# One encoder for every call (json.dumps builds a new one each time). Records parsed from JSON
+# cannot be circular; a structure that is fails with RecursionError instead of a neat message.
+_fast_dumps = json.JSONEncoder(
+    ensure_ascii=False,
+    separators=(",", ":"),
+    allow_nan=False,
+    check_circular=False,
+    default=_refuse,
+).encode
+
+
+def _key_text(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps(key)
+    raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}: {key!r}")
+
+
+def _exact_parts(value: Any, out: list[str]) -> None:
+    if isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"{value!r} cannot be written as JSON")
+        out.append(decimal_text(value))
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} cannot be written as JSON")
+        out.append(float.__repr__(value))
+    elif value is None or isinstance(value, bool | int):
+        out.append(json.dumps(value))
+    elif isinstance(value, dict):
+        out.append("{")
+        for index, (key, item) in enumerate(value.items()):
+            if index:
+                out.append(",")
+            out.append(json.dumps(_key_text(key), ensure_ascii=False))
+            out.append(":")
+            _exact_parts(item, out)
+        out.append("}")
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(",")
+            _exact_parts(item, out)
+        out.append("]")
+    else:
+        raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text; a ``Decimal`` becomes a JSON number with exactly its digits.
+
+    The C encoder handles the usual record (amounts are strings in the API) and bails out on the
+    first Decimal; only then does the slower exact encoder run.
+    """
+    try:
+        return _fast_dumps(value)
+    except _NeedsExactEncoder:
+        parts: list[str] = []
+        _exact_parts(value, parts)
+        return "".join(parts)
+
+
+loads = partial(json.loads, parse_float=Decimal)
+"""Parse JSON text; non-integer numbers become ``Decimal`` (never ``float``)."""

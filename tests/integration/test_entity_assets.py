@@ -1,0 +1,189 @@
+"""Entity assets materialized with Dagster's own APIs against the sandbox, read back exactly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from rillet_dagster import catalog
+from rillet_dagster.definitions import build_definitions
+from rillet_dagster.rillet.money import Money
+from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from rillet_dagster.settings import Settings
+from rillet_dagster.warehouse.load import read_records
+from rillet_dagster.warehouse.schema import make_engine, table_for, table_name
+from tests.pg import postgres_url
+
+KEY = "assets-key-0123456789"
+# A few daily partitions keep Dagster's per-partition bookkeeping quick; the first partition
+# still takes everything updated before it, so the whole sandbox is read.
+START = (datetime.now(UTC).date() - timedelta(days=3)).isoformat()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxServer]:
+    options = SandboxOptions(size="tiny", api_keys=(KEY,), rate_limit=1_000_000)
+    server = SandboxServer(build_sandbox(options)).start()
+    yield server
+    server.stop()
+
+
+def settings_for(server: SandboxServer, warehouse_url: str, state_url: str) -> Settings:
+    env = {
+        "RILLET_BASE_URL": server.base_url,
+        "RILLET_API_KEY": KEY,
+        "RILLET_WAREHOUSE_URL": warehouse_url,
+        "RILLET_STATE_URL": state_url,
+        "RILLET_RATE_LIMIT": "1000000/60",
+        "RILLET_START_DATE": START,
+    }
+    os.environ.update({"RILLET_API_KEY": KEY})
+    return Settings.from_env(env)
+
+
+def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    assets = list(defs.assets or [])
+    unpartitioned = [a for a in assets if a.partitions_def is None]  # type: ignore[union-attr]
+    partitioned = [a for a in assets if a.partitions_def is not None]  # type: ignore[union-attr]
+    assert dg.materialize(unpartitioned, resources=defs.resources, instance=instance).success
+    keys = partitioned[0].partitions_def.get_partition_keys()  # type: ignore[union-attr]
+    result = dg.materialize(
+        partitioned,
+        resources=defs.resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        },
+    )
+    assert result.success
+
+
+def truth(server: SandboxServer, entity: str) -> list[dict[str, Any]]:
+    store = server.sandbox.world.store
+    with store.lock:
+        if entity in store.singletons:
+            single = store.singletons[entity]
+            return [single] if single else []
+        source = "journal_entry" if entity == "reporting_journal_entry" else entity
+        return list(store[source].all_records())
+
+
+def check_warehouse_matches(server: SandboxServer, warehouse_url: str) -> None:
+    engine = make_engine(warehouse_url)
+    try:
+        for spec in catalog.ENTITIES:
+            expected = {r["id"]: r for r in truth(server, spec.name)}
+            loaded = {r["id"]: r for r in read_records(engine, spec.name)}
+            assert loaded.keys() == expected.keys(), spec.name
+            for record_id in list(expected)[:5]:
+                if spec.name != "reporting_journal_entry":
+                    assert loaded[record_id] == expected[record_id], (spec.name, record_id)
+            for child in spec.children:
+                table = sa.Table(table_name(child.name), sa.MetaData(), autoload_with=engine)
+                with engine.connect() as connection:
+                    rows = connection.execute(
+                        sa.select(sa.func.count()).select_from(table)
+                    ).scalar()
+                assert rows == sum(len(r.get(child.field) or []) for r in expected.values()), (
+                    child.name
+                )
+        invoices = table_for("invoice")  # the project's types: money read back as Decimal
+        with engine.connect() as connection:
+            for row in connection.execute(sa.select(invoices.c.id, invoices.c.total)).mappings():
+                want = Money.parse(
+                    next(r for r in truth(server, "invoice") if r["id"] == row["id"])["total"]
+                )
+                assert isinstance(row["total"], Decimal) and row["total"] == want.amount
+    finally:
+        engine.dispose()
+
+
+def test_definitions_load_and_snapshot() -> None:
+    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": START}))
+    dg.Definitions.validate_loadable(defs)
+    snapshot = {}
+    for assets_def in defs.assets or []:
+        for key in assets_def.keys:  # type: ignore[union-attr]
+            snapshot["/".join(key.path)] = (
+                assets_def.group_names_by_key[key],  # type: ignore[union-attr]
+                type(assets_def.partitions_def).__name__ if assets_def.partitions_def else None,  # type: ignore[union-attr]
+            )
+    assert snapshot["rillet/invoices"] == ("rillet_entities", "DailyPartitionsDefinition")
+    assert snapshot["rillet/invoice_items"] == ("rillet_entities", "DailyPartitionsDefinition")
+    assert snapshot["rillet/bill_payments"] == ("rillet_entities", "DailyPartitionsDefinition")
+    assert snapshot["rillet/products"] == ("rillet_entities", None)
+    assert snapshot["rillet/reporting_journal_entries"][0] == "rillet_reports"
+    expected_tables = {table_name(e.name) for e in catalog.ENTITIES} | {
+        table_name(c.name) for e in catalog.ENTITIES for c in e.children
+    }
+    assert {k.removeprefix("rillet/") for k in snapshot} == expected_tables
+    for assets_def in defs.assets or []:
+        assert assets_def.op.pool == "rillet_api"  # type: ignore[union-attr]
+    assert defs.resolve_job_def("sync_all") is not None
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_materializing_every_entity_loads_exactly_the_sandbox(
+    sandbox: SandboxServer, tmp_path: Path, backend: str
+) -> None:
+    warehouse_url = (
+        f"sqlite:///{tmp_path}/warehouse.db" if backend == "sqlite" else postgres_url(tmp_path.name)
+    )
+    defs = build_definitions(settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db"))
+    with dg.instance_for_test() as instance:
+        materialize_everything(defs, instance)
+        check_warehouse_matches(sandbox, warehouse_url)
+        # A rerun changes nothing.
+        materialize_everything(defs, instance)
+        check_warehouse_matches(sandbox, warehouse_url)
+        events = instance.fetch_materializations(
+            dg.AssetKey(["rillet", "invoices"]), limit=1
+        ).records
+        metadata = events[0].asset_materialization.metadata  # type: ignore[union-attr]
+        assert metadata["rows_inserted"].value == 0 and metadata["rows_updated"].value == 0
+
+
+def test_missing_api_key_for_a_real_host_fails_at_resource_setup(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "RILLET_BASE_URL": "production",
+            "RILLET_START_DATE": START,
+            "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
+            "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
+        }
+    )
+    defs = build_definitions(settings)
+    products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
+    with (
+        dg.instance_for_test() as instance,
+        pytest.raises(dg.DagsterInvariantViolationError, match="RILLET_API_KEY"),
+    ):
+        dg.materialize([products], resources=defs.resources, instance=instance)
+
+
+def test_unreachable_warehouse_fails_clearly_and_records_nothing(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
+    defs = build_definitions(settings_for(sandbox, url, f"sqlite:///{tmp_path}/state.db"))
+    products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
+    with dg.instance_for_test() as instance:
+        with pytest.raises(
+            dg.DagsterInvariantViolationError, match="RILLET_WAREHOUSE_URL"
+        ) as caught:
+            dg.materialize([products], resources=defs.resources, instance=instance)
+        assert "secret" not in str(caught.value)
+        assert (
+            instance.get_latest_materialization_event(dg.AssetKey(["rillet", "products"])) is None
+        )
