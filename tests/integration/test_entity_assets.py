@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -187,3 +189,22 @@ def test_unreachable_warehouse_fails_clearly_and_records_nothing(
         assert (
             instance.get_latest_materialization_event(dg.AssetKey(["rillet", "products"])) is None
         )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["dagster", "definitions", "validate", "-w", "workspace.yaml"], ["dg", "check", "defs"]],
+    ids=["dagster-definitions-validate", "dg-check-defs"],
+)
+def test_dagster_command_line_accepts_the_code_location(command: list[str], tmp_path: Path) -> None:
+    executable = Path(sys.executable).with_name(command[0])
+    result = subprocess.run(
+        [str(executable), *command[1:]],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
