@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import (
     Boolean,
     Column,
@@ -51,6 +50,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from rillet_dagster import catalog
 from rillet_dagster.catalog import ChildSpec, EntitySpec
@@ -1018,6 +1020,8 @@ def read_table(target: Engine | Connection, entity: EntitySpec | str) -> pd.Data
     ``entity`` is a catalog entry, or the name of an entity or of a child table (``invoice_item``).
     ``_record`` holds the parsed records (numbers as ``Decimal``). Rows are ordered by key.
     """
+    import pandas as pd  # imported here: the code location should not pay for it at load
+
     table = _table_of(entity)
     # Read as text and parse here, so that numbers become Decimal whatever the engine's setup.
     columns = [cast(c, Text).label(c.name) if c.name == "_record" else c for c in table.columns]
