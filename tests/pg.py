@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -13,6 +14,7 @@ ADMIN_URL = os.environ.get(
 )
 
 
+@functools.cache
 def _unavailable() -> str | None:
     engine = sa.create_engine(ADMIN_URL, connect_args={"connect_timeout": 5})
     try:
@@ -25,13 +27,19 @@ def _unavailable() -> str | None:
     return None
 
 
+def require_postgres() -> None:
+    """Skip without PostgreSQL, except in CI (``CI`` set), where its absence is a failure."""
+    reason = _unavailable()
+    if reason is None:
+        return
+    if "CI" in os.environ:
+        pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
+    pytest.skip(reason)
+
+
 def postgres_url(name: str) -> str:
     """A URL of an empty database ``rt_<name>`` (dropped and recreated)."""
-    reason = _unavailable()
-    if reason:
-        if "CI" in os.environ:
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
-        pytest.skip(reason)
+    require_postgres()
     database = "rt_" + re.sub(r"[^a-z0-9_]", "_", name.lower())[:50]
     engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:

@@ -7,7 +7,6 @@ case where logging send times instead of response times would overrun it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +16,11 @@ from bench.ratelimit_bench import (
     POSTGRES_URL,
     RATE,
     WINDOW_SECONDS,
-    postgres_unavailable,
     run_load,
     start_sandbox,
 )
 from rillet_dagster.sandbox.server import SandboxServer
+from tests.pg import require_postgres
 
 PROCESSES = 4
 RUN_SECONDS = 6.0
@@ -38,11 +37,7 @@ def server() -> Iterator[SandboxServer]:
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'rate-state.db'}"
-    reason = postgres_unavailable()
-    if reason is not None:
-        if "CI" in os.environ:
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
-        pytest.skip(reason)
+    require_postgres()
     return POSTGRES_URL
 
 

@@ -40,6 +40,7 @@ from rillet_dagster.warehouse import (
 )
 from rillet_dagster.warehouse.schema import column_name
 from rillet_dagster.warehouse.types import ExactDecimal, dumps
+from tests.pg import require_postgres
 
 POSTGRES_URL = os.environ.get(
     "RILLET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -73,20 +74,6 @@ AMOUNTS = [
 # ----------------------------------------------------------------------------- fixtures
 
 
-def _postgres_unavailable() -> str | None:
-    probe = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5})
-    try:
-        with probe.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.SQLAlchemyError as error:
-        return (
-            f"PostgreSQL at {probe.url.host}:{probe.url.port} unreachable ({type(error).__name__})"
-        )
-    finally:
-        probe.dispose()
-    return None
-
-
 @pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[sa.Engine]:
     engine = make_engine(f"sqlite:///{tmp_path / 'warehouse.db'}")
@@ -97,11 +84,7 @@ def sqlite_engine(tmp_path: Path) -> Iterator[sa.Engine]:
 
 @pytest.fixture
 def postgres_engine() -> Iterator[sa.Engine]:
-    reason = _postgres_unavailable()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
-        pytest.skip(reason)
+    require_postgres()
     schema = f"wh_test_{uuid.uuid4().hex[:16]}"
     admin = sa.create_engine(POSTGRES_URL)
     with admin.begin() as conn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import os
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, delete, select
 
-from bench.ratelimit_bench import POSTGRES_URL, postgres_unavailable
+from bench.ratelimit_bench import POSTGRES_URL
 from rillet_dagster.clock import FakeClock
 from rillet_dagster.rillet.ratelimit import (
     RateBudget,
@@ -24,22 +23,9 @@ from rillet_dagster.rillet.ratelimit import (
     keys_table,
     slots_table,
 )
+from tests.pg import require_postgres
 
 SECRET = "rk_live_SECRET-0123456789abcdef"
-
-
-@functools.cache
-def _postgres_reason() -> str | None:
-    return postgres_unavailable()
-
-
-def require_postgres() -> None:
-    reason = _postgres_reason()
-    if reason is None:
-        return
-    if "CI" in os.environ:
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
-    pytest.skip(reason)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
