@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import client_bench, ratelimit_bench, sandbox_bench
+from bench import client_bench, ratelimit_bench, sandbox_bench, warehouse_bench
 
 BENCHMARKS = {
     "sandbox": sandbox_bench.main,
     "client": client_bench.main,
     "ratelimit": ratelimit_bench.main,
-    "warehouse": lambda: __import__("bench.warehouse_bench", fromlist=["main"]).main(),
+    "warehouse": warehouse_bench.main,
 }
 
 
