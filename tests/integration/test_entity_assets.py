@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from rillet_dagster import catalog
 from rillet_dagster.definitions import build_definitions
+from rillet_dagster.rillet.client import RilletClient
 from rillet_dagster.rillet.money import Money
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
 from rillet_dagster.settings import Settings
@@ -208,3 +211,32 @@ def test_dagster_command_line_accepts_the_code_location(command: list[str], tmp_
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_90_day_invoice_backfill_costs_one_pass(sandbox: SandboxServer, tmp_path: Path) -> None:
+    today = datetime.now(UTC).date()
+    settings = settings_for(sandbox, f"sqlite:///{tmp_path}/w.db", f"sqlite:///{tmp_path}/s.db")
+    settings = dataclasses.replace(settings, start_date=today - timedelta(days=120))
+    defs = build_definitions(settings)
+    invoices = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "invoices"]) in a.keys)  # type: ignore[union-attr]
+    first, last = (today - timedelta(days=90)).isoformat(), today.isoformat()
+    stats_url = f"{sandbox.base_url}/_sandbox/stats"
+    httpx.post(f"{stats_url}/reset")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [invoices],
+            resources=defs.resources,
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": first,
+                "dagster/asset_partition_range_end": last,
+            },
+        )
+        assert result.success
+    backfill = httpx.get(stats_url).json()["requests"].get("GET /invoices", 0)
+    httpx.post(f"{stats_url}/reset")
+    since = datetime.combine(today - timedelta(days=90), datetime.min.time(), UTC)
+    with RilletClient(api_key=KEY, base_url=sandbox.base_url) as client:
+        records = list(client.iter_records("invoice", updated_since=since))
+    single = httpx.get(stats_url).json()["requests"].get("GET /invoices", 0)
+    assert records and backfill == single == max(1, -(-len(records) // 100))
