@@ -240,3 +240,47 @@ def test_a_90_day_invoice_backfill_costs_one_pass(sandbox: SandboxServer, tmp_pa
         records = list(client.iter_records("invoice", updated_since=since))
     single = httpx.get(stats_url).json()["requests"].get("GET /invoices", 0)
     assert records and backfill == single == max(1, -(-len(records) // 100))
+
+
+def test_a_record_deleted_in_rillet_is_soft_deleted_by_the_next_full_sync(
+    sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    warehouse_url = f"sqlite:///{tmp_path}/w.db"
+    defs = build_definitions(settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/s.db"))
+    entries = next(
+        a for a in defs.assets or [] if dg.AssetKey(["rillet", "journal_entries"]) in a.keys
+    )  # type: ignore[union-attr]
+    keys = entries.partitions_def.get_partition_keys()  # type: ignore[union-attr]
+    tags = {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+    }
+    world = sandbox.sandbox.world
+    victim = world.bulk.record_id(7)  # type: ignore[union-attr]  # a manual entry, deletable
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(
+            [entries], resources=defs.resources, instance=instance, tags=tags
+        ).success
+        response = httpx.delete(
+            f"{sandbox.base_url}/journal-entries/{victim}",
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert response.status_code == 204
+        assert dg.materialize(
+            [entries], resources=defs.resources, instance=instance, tags=tags
+        ).success
+        latest = instance.get_latest_materialization_event(
+            dg.AssetKey(["rillet", "journal_entries"])
+        )
+        assert latest.asset_materialization.metadata["rows_soft_deleted"].value == 1  # type: ignore[union-attr]
+    engine = make_engine(warehouse_url)
+    with engine.connect() as connection:
+        table = table_for("journal_entry")
+        deleted_at = connection.execute(
+            sa.select(table.c.deleted_at).where(table.c.id == victim)
+        ).scalar_one()
+    engine.dispose()
+    assert deleted_at is not None
+    assert victim not in {
+        r["id"] for r in read_records(make_engine(warehouse_url), "journal_entry")
+    }
