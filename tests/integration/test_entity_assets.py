@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -284,3 +285,42 @@ def test_a_record_deleted_in_rillet_is_soft_deleted_by_the_next_full_sync(
     assert victim not in {
         r["id"] for r in read_records(make_engine(warehouse_url), "journal_entry")
     }
+
+
+def test_sync_all_from_the_command_line(sandbox: SandboxServer, tmp_path: Path) -> None:
+    warehouse_url = f"sqlite:///{tmp_path}/w.db"
+    today = datetime.now(UTC).date().isoformat()
+    env = {
+        **os.environ,
+        "RILLET_BASE_URL": sandbox.base_url,
+        "RILLET_API_KEY": KEY,
+        "RILLET_WAREHOUSE_URL": warehouse_url,
+        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
+        "RILLET_RATE_LIMIT": "1000000/60",
+        "RILLET_START_DATE": START,
+        "DAGSTER_HOME": str(tmp_path),
+    }
+    tags = {
+        "dagster/asset_partition_range_start": START,
+        "dagster/asset_partition_range_end": today,
+    }
+    command = [
+        "job",
+        "execute",
+        "-m",
+        "rillet_dagster.definitions",
+        "-j",
+        "sync_all",
+        "--tags",
+        json.dumps(tags),
+    ]
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("dagster")), *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_warehouse_matches(sandbox, warehouse_url)
