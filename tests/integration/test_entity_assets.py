@@ -324,3 +324,57 @@ def test_sync_all_from_the_command_line(sandbox: SandboxServer, tmp_path: Path) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     check_warehouse_matches(sandbox, warehouse_url)
+
+
+def test_the_api_key_never_leaks(
+    sandbox: SandboxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """X1: a canary key, DEBUG logging everywhere (httpx and httpcore included)."""
+    canary = "canary-KEY-5f0c2b7e9d"
+    sandbox.sandbox.config.api_keys = frozenset({*sandbox.sandbox.config.api_keys, canary})
+    env = {
+        "RILLET_BASE_URL": sandbox.base_url,
+        "RILLET_API_KEY": canary,
+        "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
+        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
+        "RILLET_RATE_LIMIT": "1000000/60",
+        "RILLET_START_DATE": START,
+    }
+    old = os.environ.get("RILLET_API_KEY")
+    os.environ["RILLET_API_KEY"] = canary
+    try:
+        defs = build_definitions(Settings.from_env(env))
+        chosen = [
+            a
+            for a in defs.assets or []
+            if {dg.AssetKey(["rillet", "products"]), dg.AssetKey(["rillet", "invoices"])}
+            & set(a.keys)  # type: ignore[union-attr]
+        ]
+        caplog.set_level("DEBUG")
+        with dg.instance_for_test() as instance:
+            for assets_def in chosen:
+                tags = {}
+                if assets_def.partitions_def is not None:  # type: ignore[union-attr]
+                    tags = {
+                        "dagster/asset_partition_range_start": START,
+                        "dagster/asset_partition_range_end": datetime.now(UTC).date().isoformat(),
+                    }
+                result = dg.materialize(
+                    [assets_def], resources=defs.resources, instance=instance, tags=tags
+                )
+                assert result.success
+                run = instance.get_run_by_id(result.run_id)
+                assert canary not in json.dumps(run.run_config, default=str)  # type: ignore[union-attr]
+                for entry in instance.all_logs(result.run_id):
+                    assert canary not in str(entry)
+            repr_text = repr(defs.resources) + "".join(
+                repr(r) for r in (defs.resources or {}).values()
+            )
+            assert canary not in repr_text
+        assert canary not in caplog.text
+        assert "invoice" in caplog.text.lower()  # the logs were really captured
+    finally:
+        if old is None:
+            os.environ.pop("RILLET_API_KEY", None)
+        else:
+            os.environ["RILLET_API_KEY"] = old
