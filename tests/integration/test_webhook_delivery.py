@@ -73,6 +73,7 @@ class Capture:
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: dict[str, list[Captured]] = field(default_factory=dict)
     plans: dict[str, Callable[[int], int]] = field(default_factory=dict)
+    arrived: threading.Event = field(default_factory=threading.Event)  # set on every request
 
     async def endpoint(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -88,6 +89,7 @@ class Capture:
             seen.append(captured)
             plan = self.plans.get(name, lambda n: 200)
             status = plan(len(seen))
+        self.arrived.set()
         return Response(b"ignored by Rillet", status_code=status)
 
 
@@ -119,7 +121,7 @@ def receiver() -> Iterator[Receiver]:
     while not server.started:
         assert thread.is_alive(), "uvicorn exited before starting"
         assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
-        time.sleep(0.01)
+        thread.join(0.01)  # waits, and notices a server thread that died
     port = server.servers[0].sockets[0].getsockname()[1]
     yield Receiver(f"http://127.0.0.1:{port}", capture)
     server.should_exit = True
@@ -373,7 +375,7 @@ def test_stop_interrupts_a_backoff_promptly(receiver: Receiver, clock: FakeClock
     deadline = time.monotonic() + 5
     while not receiver.requests(name):
         assert time.monotonic() < deadline, "first attempt never arrived"
-        time.sleep(0.005)
+        receiver.capture.arrived.wait(0.05)
     assert not dispatcher.wait_idle(0.05)
 
     started = time.monotonic()
