@@ -11,7 +11,7 @@ models it); where sources disagree we follow its "Decisions" table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -128,7 +128,6 @@ class EntitySpec:
     not_found_means_empty: bool = False
     required_fields: tuple[str, ...] = ("id",)
     group: str = "rillet_entities"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def incremental(self) -> bool:
@@ -150,10 +149,6 @@ class EntitySpec:
         if self.sort_by:
             params.add("sort_by")
         return frozenset(params)
-
-    @property
-    def child_by_name(self) -> dict[str, ChildSpec]:
-        return {c.name: c for c in self.children}
 
 
 _FULL_WRITES = frozenset({"POST", "PUT", "DELETE"})
@@ -351,7 +346,6 @@ ENTITIES: tuple[EntitySpec, ...] = (
         writes=_FULL_WRITES,
         get_by_id=False,
         required_fields=("id", "invoice_id", "amount", "updated_at"),
-        extra={"write_path": "/invoices/{invoice_id}/payments"},
         description="One row is a payment received against an invoice.",
     ),
     EntitySpec(

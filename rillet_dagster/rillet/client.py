@@ -215,9 +215,9 @@ class RilletClient:
         started = self.clock.time()
         retries = 0
         while True:
-            error, delay = self._attempt(method, path, params, content, headers)
+            error, body_or_none = self._attempt(method, path, params, content, headers)
             if error is None:
-                return delay  # the parsed body travels in the second slot on success
+                return body_or_none
             retriable = may_retry and _is_retriable(error, idempotency_key)
             if not retriable or retries + 1 >= self.retry.max_attempts:
                 raise error
