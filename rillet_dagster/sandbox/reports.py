@@ -428,6 +428,19 @@ def _period_json(start: date, end: date) -> Json:
     return {"from_date": start.isoformat(), "to_date": end.isoformat()}
 
 
+def _period_statement(
+    start: date, end: date, layout: _Layout, sections: Sequence[_Section], summaries: list[Json]
+) -> Json:
+    """The envelope every period statement shares (income, executive P&L, cash flow)."""
+    return {
+        "period": _period_json(start, end),
+        "currency": layout.currency,
+        "breakdowns": _breakdowns(layout),
+        "sections": [_render_section(section, layout) for section in sections],
+        "summaries": summaries,
+    }
+
+
 # --------------------------------------------------------------------------- trial balance
 
 
@@ -580,17 +593,17 @@ def income_statement(view: LedgerView, params: Mapping[str, str]) -> Json:
     gross_profit = _combine((1, revenue), (-1, cost))
     operating_income = _combine((1, gross_profit), (-1, operating))
     net_income = _combine((1, operating_income), (1, other))
-    return {
-        "period": _period_json(start, end),
-        "currency": layout.currency,
-        "breakdowns": _breakdowns(layout),
-        "sections": [_render_section(section, layout) for section in sections],
-        "summaries": [
+    return _period_statement(
+        start,
+        end,
+        layout,
+        sections,
+        [
             _summary("Gross Profit", gross_profit, layout, revenue),
             _summary("Operating Income", operating_income, layout, revenue),
             _summary("Net Income", net_income, layout, revenue),
         ],
-    }
+    )
 
 
 def executive_pl(view: LedgerView, params: Mapping[str, str]) -> Json:
@@ -615,18 +628,18 @@ def executive_pl(view: LedgerView, params: Mapping[str, str]) -> Json:
     operating_income = _combine((1, gross_profit), (-1, operating_expenses))
     ebitda = _combine((1, operating_income), (1, depreciation))
     net_income = _combine((1, operating_income), (1, other))
-    return {
-        "period": _period_json(start, end),
-        "currency": layout.currency,
-        "breakdowns": _breakdowns(layout),
-        "sections": [_render_section(section, layout) for section in sections],
-        "summaries": [
+    return _period_statement(
+        start,
+        end,
+        layout,
+        sections,
+        [
             _summary("Gross Profit", gross_profit, layout, revenue),
             _summary("Total Operating Expenses", operating_expenses, layout, revenue),
             _summary("EBITDA", ebitda, layout, revenue),
             _summary("Net Income", net_income, layout, revenue),
         ],
-    }
+    )
 
 
 # --------------------------------------------------------------------------- cash flow
@@ -692,10 +705,4 @@ def cash_flow_statement(view: LedgerView, params: Mapping[str, str]) -> Json:
         _summary("Beginning Cash", beginning_cash, layout),
         _summary("Ending Cash", ending_cash, layout),
     ]
-    return {
-        "period": _period_json(start, end),
-        "currency": layout.currency,
-        "breakdowns": _breakdowns(layout),
-        "sections": [_render_section(section, layout) for section in sections],
-        "summaries": summaries,
-    }
+    return _period_statement(start, end, layout, sections, summaries)
