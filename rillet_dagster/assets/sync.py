@@ -8,7 +8,7 @@ are inferred only from a complete full pass (a partial pass proves nothing).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,10 +22,9 @@ from rillet_dagster.catalog import EntitySpec
 from rillet_dagster.clock import parse_timestamp
 from rillet_dagster.rillet.client import RilletClient
 from rillet_dagster.warehouse import load
-from rillet_dagster.warehouse.schema import build_metadata, table_name
+from rillet_dagster.warehouse.schema import table_for, table_name
 
 BATCH_SIZE = 1000
-_METADATA = build_metadata()
 
 
 @dataclass
@@ -59,17 +58,6 @@ class Window:
         return (self.full or moment >= self.start) and moment < self.end
 
 
-def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for record in records:
-        batch.append(record)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def sync_entity(
     spec: EntitySpec,
     client: RilletClient,
@@ -93,7 +81,7 @@ def sync_entity(
     else:
         stream = client.iter_records(spec.name, updated_since=updated_since)
         records = stream
-    for batch in _batches(records, BATCH_SIZE):
+    for batch in load.batches(records, BATCH_SIZE):
         with engine.begin() as connection:
             header.add(
                 load.upsert_records(connection, spec, batch, run_id=run_id, synced_at=synced_at)
@@ -143,7 +131,7 @@ def _sync_bill_payments(
 ) -> None:
     """Rillet has no org-wide bill-payment feed: read the payments of each changed bill."""
     spec = catalog.entity("bill_payment")
-    table = _METADATA.tables[table_name("bill_payment")]
+    table = table_for("bill_payment")
     for bill in bills:
         payments = client.children("bill_payment", bill["id"])
         with engine.begin() as connection:
@@ -171,7 +159,7 @@ def _result(
     watermark: str | None,
     engine: Engine,
 ) -> dg.MaterializeResult:
-    table = _METADATA.tables[table_name(name)]
+    table = table_for(name)
     with engine.connect() as connection:
         query = select(func.count()).select_from(table)
         if "deleted_at" in table.c:

@@ -620,7 +620,8 @@ def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[An
         yield items[start : start + size]
 
 
-def _batches(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def batches(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items, read lazily."""
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
         yield batch
@@ -670,7 +671,7 @@ def upsert_records(
             plan, postgres=postgres, run_id=run_id, synced_at=synced_at.astimezone(UTC)
         )
         writer: _Writer = _PostgresWriter(conn, plan) if postgres else _SQLiteWriter(conn, plan)
-        for batch in _batches(records, batch_size):
+        for batch in batches(records, batch_size):
             entries = _dedupe(extractor, batch, result)
             stored = _stored(conn, plan.table, list(entries))
             to_write: list[_Entry] = []
