@@ -99,7 +99,8 @@ class WarehouseResource(dg.ConfigurableResource):
         shown = make_url(self.url).render_as_string(hide_password=True)
         ensure_sqlite_directory(self.url)
         try:
-            engine = make_engine(self.url)
+            # pre_ping: a database restarted mid-run hands out fresh connections on retry.
+            engine = make_engine(self.url, pool_pre_ping=True)
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
             ensure_schema(engine, build_metadata())

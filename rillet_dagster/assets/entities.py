@@ -67,7 +67,18 @@ def _specs(spec: EntitySpec) -> list[dg.AssetSpec]:
     ]
 
 
-def entity_asset(spec: EntitySpec, partitions: dg.DailyPartitionsDefinition) -> dg.AssetsDefinition:
+# Transient failures (a restarted database, Rillet down for a minute) are retried by Dagster;
+# the load is idempotent, so a retried step converges on the same rows.
+SYNC_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+def entity_asset(
+    spec: EntitySpec,
+    partitions: dg.DailyPartitionsDefinition,
+    retry_policy: dg.RetryPolicy = SYNC_RETRY_POLICY,
+) -> dg.AssetsDefinition:
     partitioned = spec.incremental
 
     @dg.multi_asset(
@@ -77,9 +88,7 @@ def entity_asset(spec: EntitySpec, partitions: dg.DailyPartitionsDefinition) -> 
         backfill_policy=dg.BackfillPolicy.single_run() if partitioned else None,
         pool=POOL,
         can_subset=False,
-        retry_policy=dg.RetryPolicy(
-            max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
+        retry_policy=retry_policy,
     )
     def sync(
         context: dg.AssetExecutionContext,

@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from rillet_dagster import catalog
 from rillet_dagster.catalog import EntitySpec
@@ -104,9 +104,9 @@ def sync_entity(
         with engine.begin() as connection:
             header.soft_deleted = load.mark_missing_deleted(connection, spec, seen, synced_at)
     if complete and stream is not None and spec.incremental:
-        watermark = stream.watermark
-        if watermark is not None:
-            with engine.begin() as connection:
+        with engine.begin() as connection:
+            watermark = _committed_watermark(connection, spec, stream.watermark)
+            if watermark is not None:
                 load.set_watermark(connection, spec.name, watermark, run_id)
     watermark_text = None
     with engine.connect() as connection:
@@ -119,6 +119,23 @@ def sync_entity(
     for name, tally in extra.items():
         results.append(_result(name, tally, stats, watermark_text, engine))
     return results
+
+
+def _committed_watermark(
+    connection: Connection, spec: EntitySpec, candidate: datetime | None
+) -> datetime | None:
+    """The pass's watermark, but never ahead of the newest ``updated_at`` actually stored.
+
+    A pass that found nothing new reports its own lower bound; storing that would claim rows
+    the warehouse does not hold, so the stored watermark stays at what was committed.
+    """
+    if candidate is None or not spec.has_updated_at:
+        return candidate
+    table = table_for(spec.name)
+    newest = connection.execute(select(func.max(table.c.updated_at))).scalar_one_or_none()
+    if newest is None:
+        return None
+    return min(candidate, newest)
 
 
 def _sync_bill_payments(

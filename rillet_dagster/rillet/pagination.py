@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from rillet_dagster.catalog import MAX_PAGE_SIZE, EntitySpec
 from rillet_dagster.clock import parse_timestamp
-from rillet_dagster.rillet.errors import CursorRestartError, MalformedResponseError
+from rillet_dagster.rillet.errors import (
+    CursorRestartError,
+    MalformedResponseError,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from rillet_dagster.rillet.client import RilletClient
@@ -92,7 +96,15 @@ class RecordStream(Iterator[dict[str, Any]]):
                 query["limit"] = str(MAX_PAGE_SIZE)
                 if cursor:
                     query["cursor"] = cursor
-            records, next_cursor = self.client.get_page(self.spec, query)
+            try:
+                records, next_cursor = self.client.get_page(self.spec, query)
+            except ValidationError as error:
+                if cursor is None or not _is_cursor_expiry(error):
+                    raise
+                # Some deployments say so instead of restarting silently: restart ourselves.
+                self._restart()
+                cursor, replaying = None, True
+                continue
             self.pages += 1
             duplicates_before = self.duplicates
             fresh = 0
@@ -112,19 +124,22 @@ class RecordStream(Iterator[dict[str, Any]]):
                 yield record
             if self.duplicates > duplicates_before and cursor is not None and not replaying:
                 replaying = True
-                self.restarts += 1
-                stats.cursor_restarts += 1
-                if self.restarts > self.client.max_cursor_restarts:
-                    raise CursorRestartError(
-                        f"Rillet GET {self.spec.path} restarted at page 1 {self.restarts} times "
-                        "in one pass (cursors expire after 2 hours); run the sync again"
-                    )
+                self._restart()
             if fresh:
                 replaying = False
             if not self.spec.paginated or not next_cursor:
                 self.complete = True
                 return
             cursor = next_cursor
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        self.client.stats.cursor_restarts += 1
+        if self.restarts > self.client.max_cursor_restarts:
+            raise CursorRestartError(
+                f"Rillet GET {self.spec.path} restarted at page 1 {self.restarts} times "
+                "in one pass (cursors expire after 2 hours); run the sync again"
+            )
 
     def _track(self, record: Mapping[str, Any]) -> None:
         stamp = record.get("updated_at")
@@ -133,6 +148,11 @@ class RecordStream(Iterator[dict[str, Any]]):
         moment = parse_timestamp(stamp)
         if self._max_updated is None or moment > self._max_updated:
             self._max_updated = moment
+
+
+def _is_cursor_expiry(error: ValidationError) -> bool:
+    text = " ".join(filter(None, (error.type, error.detail))).lower()
+    return "cursor" in text and any(word in text for word in ("expired", "invalid", "unknown"))
 
 
 def _id_key(record_id: str) -> int | str:

@@ -266,7 +266,16 @@ class Sandbox:
                 collection = self.world.store[source]
                 state = None
                 if spec.paginated and params.get("cursor"):
+                    if self.faults.cursor_presented():
+                        self.cursors.expire_all()
                     state = self.cursors.decode(params["cursor"], entity=spec.name, now=now)
+                    if state is None and self.faults.faults.cursor_error:
+                        return problem(
+                            400,
+                            "The pagination cursor has expired or is unknown; "
+                            "start again without a cursor.",
+                            slug="cursor-expired",
+                        )
                 query = _query_from_fingerprint(spec, state.query) if state else fresh
                 start = state.position if state else collection.start_position(query.sort)
                 seqs, next_position = collection.page(

@@ -22,6 +22,13 @@ class Faults:
     malformed_rate: float = 0.0  # share of list pages answered with truncated JSON
     force_429: int = 0  # the next N requests get 429 whatever the budget
     retry_after: float | None = None  # seconds to put in Retry-After on 429s (None = bare)
+    # One-shot: after N more list requests that carry a cursor, every cursor expires at once
+    # (the 2 h TTL passing mid-pass, at a chosen page).
+    expire_cursor_after: int = 0
+    # 1: answer an expired or unknown cursor with a 400 problem (type .../cursor-expired)
+    # instead of Rillet's documented silent restart at page 1, for clients that must cope
+    # with either.
+    cursor_error: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -33,6 +40,10 @@ class Faults:
             raise ValueError("fault latency must be MIN-MAX milliseconds with 0 <= MIN <= MAX")
         if self.force_429 < 0:
             raise ValueError("fault force_429 must be a count >= 0")
+        if self.expire_cursor_after < 0:
+            raise ValueError("fault expire_cursor_after must be a count >= 0")
+        if self.cursor_error not in (0, 1):
+            raise ValueError("fault cursor_error must be 0 (silent restart) or 1 (400 problem)")
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("fault retry_after must be seconds >= 0")
 
@@ -41,10 +52,15 @@ class Faults:
 
 
 _NUMBERS = {f.name for f in fields(Faults)}
+_COUNTS = {"force_429", "expire_cursor_after", "cursor_error", "seed"}
 
 
 def parse_faults(text: str) -> Faults:
-    """``error_rate=0.1,latency=20-500,drop_rate=0.05,force_429=1,retry_after=7``."""
+    """``error_rate=0.1,latency=20-500,drop_rate=0.05,force_429=1,retry_after=7``.
+
+    Also ``expire_cursor_after=36`` (expire every cursor at the 37th page of a pass) and
+    ``cursor_error=1`` (expired cursors answer 400 instead of restarting silently).
+    """
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, raw = part.partition("=")
@@ -54,7 +70,7 @@ def parse_faults(text: str) -> Faults:
                 low, _, high = raw.partition("-")
                 values["latency_min_ms"] = float(low)
                 values["latency_max_ms"] = float(high or low)
-            elif name in {"force_429", "seed"}:
+            elif name in _COUNTS:
                 values[name] = int(raw)
             elif name in _NUMBERS:
                 values[name] = float(raw)
@@ -100,6 +116,15 @@ class FaultInjector:
                 return False
             self.faults = replace(self.faults, force_429=self.faults.force_429 - 1)
             return True
+
+    def cursor_presented(self) -> bool:
+        """Count a list request carrying a cursor; True when all cursors must expire now."""
+        with self._lock:
+            if self.faults.expire_cursor_after <= 0:
+                return False
+            remaining = self.faults.expire_cursor_after - 1
+            self.faults = replace(self.faults, expire_cursor_after=remaining)
+            return remaining == 0
 
     def _roll(self, rate: float) -> bool:
         with self._lock:
