@@ -1,0 +1,171 @@
+"""Dagster's own machinery around our assets (test-matrix rows D2, D4, X2): op retries with
+backoff and jitter, pool slots freed after a cancelled run, and secrets shown by name only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+from dagster._daemon.monitoring.concurrency import execute_concurrency_slots_iteration
+from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+from rillet_dagster import catalog
+from rillet_dagster.assets import entities
+from rillet_dagster.resources import RilletResource, WarehouseResource
+from rillet_dagster.rillet.errors import RilletConnectionError
+from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from rillet_dagster.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- D2
+
+
+def test_d2_transient_failures_are_retried_by_the_policy_with_bounded_delays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    production = entities.SYNC_RETRY_POLICY
+    assert (production.max_retries, production.backoff, production.jitter) == (
+        2,
+        dg.Backoff.EXPONENTIAL,
+        dg.Jitter.PLUS_MINUS,
+    )
+    # The production policy's shape, with a delay short enough for a test.
+    base = 0.05
+    policy = dg.RetryPolicy(
+        max_retries=production.max_retries,
+        delay=base,
+        backoff=production.backoff,
+        jitter=production.jitter,
+    )
+    settings = Settings.from_env(
+        {
+            "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
+            "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
+        }
+    )
+    asset = entities.entity_asset(
+        catalog.entity("product"), entities.daily_partitions(settings), retry_policy=policy
+    )
+    real_sync = entities.sync_entity
+    failures = [0]
+
+    def flaky_sync(*args: Any, **kwargs: Any) -> Any:
+        if failures[0] < production.max_retries:
+            failures[0] += 1
+            raise RilletConnectionError("Rillet at http://sandbox did not answer (injected)")
+        return real_sync(*args, **kwargs)
+
+    monkeypatch.setattr(entities, "sync_entity", flaky_sync)
+    server = SandboxServer(
+        build_sandbox(SandboxOptions(size="tiny", api_keys=("d2-key",), rate_limit=10**6))
+    ).start()
+    try:
+        resources = {
+            "rillet": RilletResource(
+                base_url=server.base_url, api_key="d2-key", state_url=settings.state_url
+            ),
+            "warehouse": WarehouseResource(url=settings.warehouse_url),
+        }
+        with dg.instance_for_test() as instance:
+            result = dg.materialize([asset], resources=resources, instance=instance)
+    finally:
+        server.stop()
+    assert result.success
+    waits = [
+        e.step_retry_data.seconds_to_wait
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ]
+    assert len(waits) == production.max_retries
+    for attempt, wait in enumerate(waits, start=1):
+        exponential = (2**attempt - 1) * base
+        assert exponential - base <= wait <= exponential + base, (attempt, wait)
+
+
+# ----------------------------------------------------------------------------- D4
+
+
+def test_d4_a_cancelled_run_gives_its_pool_slot_back() -> None:
+    shipped = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    assert 0 < shipped["run_monitoring"]["free_slots_after_run_end_seconds"] <= 120
+    # The shipped instance settings, with the wait shortened so that the test takes a second.
+    overrides = {
+        "concurrency": shipped["concurrency"],
+        "run_monitoring": {**shipped["run_monitoring"], "free_slots_after_run_end_seconds": 1},
+    }
+    with dg.instance_for_test(overrides=overrides) as instance:
+        storage = instance.event_log_storage
+        assert storage.supports_global_concurrency_limits
+        storage.initialize_concurrency_limit_to_default(entities.POOL)
+        run = instance.create_run_for_job(dg.GraphDefinition("noop").to_job())
+        claim = storage.claim_concurrency_slot(entities.POOL, run.run_id, "sync_invoice")
+        assert claim.is_claimed
+        instance.report_run_canceled(run, "cancelled by the user")
+        workspace = _InstanceOnly(instance)
+        list(execute_concurrency_slots_iteration(workspace, logging.getLogger(__name__)))
+        assert _claimed(instance), "freed before the configured wait"
+        time.sleep(2.1)  # end_time has whole-second precision on SQLite
+        list(execute_concurrency_slots_iteration(workspace, logging.getLogger(__name__)))
+        assert not _claimed(instance)
+
+
+class _InstanceOnly:
+    """The one part of a workspace context the slot-freeing daemon iteration reads."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self.instance = instance
+
+
+def _claimed(instance: dg.DagsterInstance) -> list[Any]:
+    info = instance.event_log_storage.get_concurrency_info(entities.POOL)
+    return list(info.claimed_slots)
+
+
+# ----------------------------------------------------------------------------- X2
+
+
+def test_x2_the_ui_shows_the_api_key_variable_never_its_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    canary = "canary-GRAPHQL-4b1d0e8a7c"
+    monkeypatch.setenv("RILLET_API_KEY", canary)
+    monkeypatch.setenv("RILLET_BASE_URL", "production")
+    monkeypatch.setenv("RILLET_WAREHOUSE_URL", f"sqlite:///{tmp_path}/w.db")
+    monkeypatch.setenv("RILLET_STATE_URL", f"sqlite:///{tmp_path}/s.db")
+    monkeypatch.chdir(ROOT)
+    query = """
+      query Resource($selector: ResourceSelector!) {
+        topLevelResourceDetailsOrError(resourceSelector: $selector) {
+          __typename
+          ... on ResourceDetails { name configuredValues { key value type } }
+        }
+      }
+    """
+    with (
+        dg.instance_for_test() as instance,
+        define_out_of_process_context(str(ROOT / "workspace.yaml"), None, instance) as context,
+    ):
+        result = execute_dagster_graphql(
+            context,
+            query,
+            variables={
+                "selector": {
+                    "repositoryLocationName": "rillet_dagster",
+                    "repositoryName": "__repository__",
+                    "resourceName": "rillet",
+                }
+            },
+        )
+    details = result.data["topLevelResourceDetailsOrError"]
+    assert details["__typename"] == "ResourceDetails", details
+    values = {v["key"]: v for v in details["configuredValues"]}
+    assert values["api_key"] == {"key": "api_key", "value": "RILLET_API_KEY", "type": "ENV_VAR"}
+    assert canary not in json.dumps(result.data)
