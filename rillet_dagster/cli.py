@@ -3,11 +3,18 @@
 rillet-dagster sandbox [--port 8765] [--seed 7] [--size small] [--api-key KEY]
                        [--webhook-url URL --webhook-token TOKEN] [--activity RATE]
                        [--faults error_rate=0.1,latency=20-500] [--rate-limit 60/60]
+rillet-dagster receiver [--host 127.0.0.1] [--port 8780] [--state-url URL]
+                        [--secrets-env RILLET_WEBHOOK_SECRETS] [--max-body-bytes N]
+                        [--max-future-seconds 300] [--max-age-seconds 604800]
+                        [--http httptools|h11]
+rillet-dagster dev [--port 8765] [--ui-port 3000] [--receiver-port 8780] [--seed 7]
+                   [--size small] [--activity RATE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +26,13 @@ from rillet_dagster.sandbox.server import (
     build_sandbox,
     serve_forever,
 )
-from rillet_dagster.settings import RateLimit, SettingsError
+from rillet_dagster.settings import (
+    WEBHOOK_SECRETS_VAR,
+    RateLimit,
+    Settings,
+    SettingsError,
+    parse_webhook_secrets,
+)
 
 
 def _positive_rate(text: str) -> float:
@@ -68,17 +81,108 @@ def build_parser() -> argparse.ArgumentParser:
     _sandbox_arguments(sandbox)
     dev = commands.add_parser(
         "dev",
-        help="the local stack: sandbox with live activity, Dagster UI and daemon, first sync",
-        description="Start the sandbox simulator with live activity, the Dagster UI and daemon "
-        "(persistent DAGSTER_HOME, default ./.dagster_home) and launch sync_all into the SQLite "
-        "warehouse.",
+        help="the local stack: sandbox with live activity and webhooks, receiver, Dagster UI "
+        "and daemon, first sync",
+        description="Start the sandbox simulator with live activity delivering signed webhooks "
+        "to the webhook receiver, the Dagster UI and daemon (persistent DAGSTER_HOME, default "
+        "./.dagster_home) and launch sync_all into the SQLite warehouse; the webhook sensor then "
+        "applies every change.",
     )
     dev.add_argument("--port", type=int, default=8765, help="sandbox port (default 8765)")
     dev.add_argument("--ui-port", type=int, default=3000, help="Dagster UI port (default 3000)")
+    dev.add_argument(
+        "--receiver-port", type=int, default=8780, help="webhook receiver port (default 8780)"
+    )
     dev.add_argument("--seed", type=int, default=7)
     dev.add_argument("--size", type=_size, default="small")
     dev.add_argument("--activity", type=_positive_rate, default=1.0, metavar="RATE")
+    receiver = commands.add_parser(
+        "receiver",
+        help="run the webhook receiver (POST /webhooks/rillet into the state database queue)",
+        description="Verify signed Rillet webhooks and store them durably in the queue of the "
+        "state database before acknowledging them.",
+    )
+    _receiver_arguments(receiver)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _receiver_arguments(receiver: argparse.ArgumentParser) -> None:
+    receiver.add_argument("--host", default="127.0.0.1")
+    receiver.add_argument("--port", type=int, default=8780)
+    receiver.add_argument(
+        "--state-url", help="SQLAlchemy URL of the queue (default: RILLET_STATE_URL's default)"
+    )
+    receiver.add_argument(
+        "--secrets-env",
+        default=WEBHOOK_SECRETS_VAR,
+        metavar="VAR",
+        help=f"environment variable holding the comma-separated base64 webhook tokens "
+        f"(default {WEBHOOK_SECRETS_VAR}; tokens are never taken on the command line)",
+    )
+    receiver.add_argument("--max-body-bytes", type=_positive_int, default=1024 * 1024)
+    receiver.add_argument(
+        "--max-future-seconds",
+        type=_seconds,
+        default=300.0,
+        help="refuse timestamps further ahead than this clock skew (default 300)",
+    )
+    receiver.add_argument(
+        "--max-age-seconds",
+        type=_seconds,
+        default=7 * 86400.0,
+        help="refuse new events older than this (default 7 days; 0 accepts any age)",
+    )
+    receiver.add_argument(
+        "--http",
+        choices=("httptools", "h11"),
+        default="httptools",
+        help="HTTP parser (default httptools, the faster; both get the same limits)",
+    )
+    receiver.add_argument("--log-level", default="info")
+
+
+def run_receiver(args: argparse.Namespace) -> None:
+    from rillet_dagster.receiver.app import ReceiverConfig, timestamp_policy
+    from rillet_dagster.receiver.serve import serve
+
+    try:
+        settings = Settings.from_env()
+        secrets = parse_webhook_secrets(os.environ.get(args.secrets_env, ""), args.secrets_env)
+    except SettingsError as error:
+        sys.exit(f"rillet-dagster receiver: {error}")
+    if not secrets:
+        sys.exit(
+            f"rillet-dagster receiver: set {args.secrets_env} to the webhook token(s), "
+            "comma-separated, as Rillet shows them"
+        )
+    config = ReceiverConfig(
+        state_url=args.state_url or settings.state_url,
+        secrets=secrets,
+        max_body_bytes=args.max_body_bytes,
+        timestamp_policy=timestamp_policy(args.max_future_seconds, args.max_age_seconds or None),
+    )
+    print(
+        f"Rillet webhook receiver on http://{args.host}:{args.port}/webhooks/rillet "
+        f"({len(secrets)} token(s))",
+        flush=True,
+    )
+    serve(config, args.host, args.port, http=args.http, log_level=args.log_level)
 
 
 def _sandbox_arguments(sandbox: argparse.ArgumentParser) -> None:
@@ -157,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "sandbox":
         run_sandbox(args)
+    elif args.command == "receiver":
+        run_receiver(args)
     elif args.command == "dev":
         from rillet_dagster.dev import run_dev
 
@@ -167,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sandbox_port=args.port,
                 ui_port=args.ui_port,
                 activity=args.activity,
+                receiver_port=args.receiver_port,
             )
         )
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
+from rillet_dagster.assets.checks import build_checks
 from rillet_dagster.assets.entities import build_entity_assets, daily_partitions
+from rillet_dagster.assets.models import MODEL_ASSETS
+from rillet_dagster.assets.reports import build_report_assets
 from rillet_dagster.automation.jobs import sync_all
+from rillet_dagster.automation.report_schedules import build_report_jobs, build_report_schedules
 from rillet_dagster.automation.schedules import hourly_backstop
+from rillet_dagster.automation.sensors import build_report_sensors
+from rillet_dagster.automation.webhook_sensor import webhook_sensor
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import API_KEY_VAR, Settings
 
@@ -14,10 +20,13 @@ from rillet_dagster.settings import API_KEY_VAR, Settings
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     partitions = daily_partitions(settings)
+    entity_assets = build_entity_assets(settings)
     return dg.Definitions(
-        assets=build_entity_assets(settings),
-        jobs=[sync_all],
-        schedules=[hourly_backstop(partitions)],
+        assets=[*entity_assets, *build_report_assets(settings), *MODEL_ASSETS],
+        asset_checks=build_checks(settings),
+        jobs=[sync_all, *build_report_jobs()],
+        schedules=[hourly_backstop(partitions), *build_report_schedules(settings)],
+        sensors=[*build_report_sensors(settings), webhook_sensor(entity_assets)],
         resources={
             "rillet": RilletResource(
                 base_url=settings.base_url,

@@ -1,14 +1,18 @@
 """``rillet-dagster dev``: the whole local stack in one command.
 
-Starts the sandbox simulator (with live activity) on loopback, points the code location at it
-through the environment, starts ``dagster dev`` (UI and daemon) with a persistent
-``DAGSTER_HOME``, and, once the UI answers, launches the ``sync_all`` job over every partition
-through Dagster's own GraphQL API, so that the SQLite warehouse fills while you watch.
+Starts the sandbox simulator (with live activity) on loopback, the webhook receiver (the
+sandbox signs and delivers every change to it with a token made for this session), points the
+code location at both through the environment, starts ``dagster dev`` (UI and daemon, so the
+webhook sensor turns queued events into runs) with a persistent ``DAGSTER_HOME``, and, once the
+UI answers, launches the ``sync_all`` job over every partition through Dagster's own GraphQL
+API, so that the SQLite warehouse fills while you watch and then follows every change live.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -67,12 +71,38 @@ def _launch_initial_sync(ui_port: int, stop: threading.Event) -> None:
     print(f"rillet-dagster dev: could not launch sync_all ({last}); launch it from the UI")
 
 
-def run_dev(*, seed: int, size: str, sandbox_port: int, ui_port: int, activity: float) -> int:
+def _start_receiver(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [
+        str(Path(sys.executable).with_name("rillet-dagster")),
+        "receiver",
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(command, env=env, cwd=ROOT)  # noqa: S603 - our own entry point
+
+
+def run_dev(
+    *,
+    seed: int,
+    size: str,
+    sandbox_port: int,
+    ui_port: int,
+    activity: float,
+    receiver_port: int = 8780,
+) -> int:
     home = Path(os.environ.get("DAGSTER_HOME") or ROOT / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     requests, window = DEV_RATE_LIMIT
-    options = SandboxOptions(seed=seed, size=size, rate_limit=requests, rate_window_seconds=window)
+    token = base64.b64encode(secrets.token_bytes(32)).decode()
+    options = SandboxOptions(
+        seed=seed,
+        size=size,
+        rate_limit=requests,
+        rate_window_seconds=window,
+        webhook_urls=(f"http://127.0.0.1:{receiver_port}/webhooks/rillet",),
+        webhook_tokens=(token,),
+    )
     sandbox = build_sandbox(options)
     server = SandboxServer(sandbox, port=sandbox_port).start()
     mover = Activity(sandbox.writer, sandbox.world, rate_per_second=activity)
@@ -83,6 +113,7 @@ def run_dev(*, seed: int, size: str, sandbox_port: int, ui_port: int, activity: 
         RILLET_BASE_URL=server.base_url,
         RILLET_API_KEY=options.api_keys[0],
         RILLET_RATE_LIMIT=f"{requests}/{window:g}",
+        RILLET_WEBHOOK_SECRETS=token,
     )
     env.setdefault("RILLET_WAREHOUSE_URL", f"sqlite:///{home / 'warehouse.db'}")
     env.setdefault("RILLET_STATE_URL", f"sqlite:///{home / 'state.db'}")
@@ -95,13 +126,15 @@ def run_dev(*, seed: int, size: str, sandbox_port: int, ui_port: int, activity: 
                 "RILLET_RATE_LIMIT",
                 "RILLET_WAREHOUSE_URL",
                 "RILLET_STATE_URL",
+                "RILLET_WEBHOOK_SECRETS",
                 "DAGSTER_HOME",
             )
         }
     )
     print(
         f"rillet-dagster dev\n  sandbox:   {server.base_url} (key {options.api_keys[0]}, "
-        f"{activity:g} changes/s)\n  Dagster:   http://127.0.0.1:{ui_port}\n"
+        f"{activity:g} changes/s)\n  webhooks:  http://127.0.0.1:{receiver_port}/webhooks/rillet "
+        f"(queue in {env['RILLET_STATE_URL']})\n  Dagster:   http://127.0.0.1:{ui_port}\n"
         f"  warehouse: {env['RILLET_WAREHOUSE_URL']}\n  history:   {home}",
         flush=True,
     )
@@ -117,6 +150,7 @@ def run_dev(*, seed: int, size: str, sandbox_port: int, ui_port: int, activity: 
         "-p",
         str(ui_port),
     ]
+    receiver = _start_receiver(receiver_port, env)
     process = subprocess.Popen(command, env=env, cwd=ROOT)  # noqa: S603 - our own interpreter
     launcher.start()
     try:
@@ -128,3 +162,5 @@ def run_dev(*, seed: int, size: str, sandbox_port: int, ui_port: int, activity: 
         stop.set()
         mover.stop()
         server.stop()
+        receiver.terminate()
+        receiver.wait(timeout=10)

@@ -15,6 +15,7 @@ from datetime import date
 from pathlib import Path
 
 from rillet_dagster.catalog import API_VERSIONS, DEFAULT_API_VERSION
+from rillet_dagster.rillet.signatures import decode_token
 
 BASE_URL_ALIASES: dict[str, str] = {
     "production": "https://api.rillet.com",
@@ -81,6 +82,20 @@ def parse_api_version(value: str) -> int:
     return version
 
 
+def parse_webhook_secrets(text: str, variable: str = WEBHOOK_SECRETS_VAR) -> tuple[str, ...]:
+    """Comma-separated base64 webhook tokens; an error names the position, never the value."""
+    tokens = tuple(t.strip() for t in text.split(",") if t.strip())
+    for position, token in enumerate(tokens, start=1):
+        try:
+            decode_token(token)
+        except ValueError as error:
+            raise SettingsError(
+                f"{variable}: token {position} is {error}; copy the Webhook Token exactly as "
+                "Rillet shows it"
+            ) from None
+    return tokens
+
+
 def default_data_dir(environ: Mapping[str, str]) -> Path:
     """Where local files live: ``$DAGSTER_HOME`` when set, else ``./.rillet``."""
     home = environ.get("DAGSTER_HOME")
@@ -97,6 +112,8 @@ class Settings:
     start_date: date = date(2026, 11, 1)
     has_api_key: bool = False
     webhook_secret_count: int = 0
+    # The receiver needs the tokens themselves; repr=False keeps them out of logs and errors.
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -111,7 +128,7 @@ class Settings:
             raise SettingsError(
                 f"{START_DATE_VAR}={start_text!r} is not a date; write it as YYYY-MM-DD"
             ) from None
-        secrets = [s for s in env.get(WEBHOOK_SECRETS_VAR, "").split(",") if s.strip()]
+        secrets = parse_webhook_secrets(env.get(WEBHOOK_SECRETS_VAR, ""))
         return cls(
             base_url=resolve_base_url(env.get(BASE_URL_VAR, "sandbox")),
             api_version=parse_api_version(env.get(API_VERSION_VAR, str(DEFAULT_API_VERSION))),
@@ -121,4 +138,5 @@ class Settings:
             start_date=start,
             has_api_key=bool(env.get(API_KEY_VAR, "").strip()),
             webhook_secret_count=len(secrets),
+            webhook_secrets=secrets,
         )

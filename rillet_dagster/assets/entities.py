@@ -32,6 +32,8 @@ def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
 
 class SyncConfig(dg.Config):
     full_refresh: bool = False  # read everything and soft-delete what Rillet no longer has
+    # Apply the queued webhook events only, without reading Rillet's list (webhook runs).
+    events_only: bool = False
 
 
 def _description(spec: EntitySpec) -> str:
@@ -113,6 +115,8 @@ def entity_asset(
                 window=window,
                 run_id=context.run.run_id,
                 log=context.log,
+                state_url=rillet.state_url,
+                read_rillet=not config.events_only,
             )
 
     return sync

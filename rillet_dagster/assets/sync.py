@@ -18,10 +18,11 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from rillet_dagster import catalog
+from rillet_dagster.assets.events import AppliedEvents, apply_pending_events
 from rillet_dagster.catalog import EntitySpec
 from rillet_dagster.clock import parse_timestamp
 from rillet_dagster.rillet.client import RilletClient
-from rillet_dagster.warehouse import load
+from rillet_dagster.warehouse import load, state
 from rillet_dagster.warehouse.schema import table_for, table_name
 
 BATCH_SIZE = 1000
@@ -66,17 +67,45 @@ def sync_entity(
     window: Window,
     run_id: str,
     log: Any,
+    state_url: str | None = None,
+    read_rillet: bool = True,
 ) -> list[dg.MaterializeResult]:
-    """Run one pass of ``spec`` and return a MaterializeResult per table it fills."""
+    """Apply the entity's queued webhook events (given the state database), then run one pass
+    of ``spec`` unless ``read_rillet`` is False; a MaterializeResult per table it fills."""
     synced_at = datetime.now(UTC)
     header = TableTally()
     children = {child.name: TableTally() for child in spec.children}
     extra = {"bill_payment": TableTally()} if spec.name == "bill" else {}
     seen: set[str] = set()
     updated_since = None if window.full else window.start
-    if spec.single:
+
+    def count(batch: list[dict[str, Any]], result: load.UpsertResult) -> None:
+        header.add(result)
+        header.in_window += len(batch)
+        for record in batch:
+            for child in spec.children:
+                children[child.name].in_window += len(record.get(child.field) or [])
+        if len(header.preview) < 5:
+            header.preview.extend(batch[: 5 - len(header.preview)])
+        if spec.name == "bill":
+            _sync_bill_payments(client, engine, batch, extra["bill_payment"], run_id, synced_at)
+
+    events = AppliedEvents()
+    if state_url and spec.webhook_entity:
+        state_engine = state.make_state_engine(state_url)
+        try:
+            events = apply_pending_events(
+                spec, client, engine, state_engine, run_id=run_id, log=log, on_records=count
+            )
+        finally:
+            state_engine.dispose()
+        header.soft_deleted += events.deleted
+    if not read_rillet:
+        records: Iterable[dict[str, Any]] = []
+        stream = None
+    elif spec.single:
         record = client.get_single(spec.name)
-        records: Iterable[dict[str, Any]] = [record] if record is not None else []
+        records = [record] if record is not None else []
         stream = None
     else:
         stream = client.iter_records(spec.name, updated_since=updated_since)
@@ -98,7 +127,7 @@ def sync_entity(
         if spec.name == "bill":
             _sync_bill_payments(client, engine, batch, extra["bill_payment"], run_id, synced_at)
         log.info(f"{spec.name}: loaded {len(seen)} records so far")
-    complete = stream is None or stream.complete
+    complete = read_rillet and (stream is None or stream.complete)
     if complete and updated_since is None:
         # Only a complete pass over everything proves that a missing record was deleted.
         with engine.begin() as connection:
@@ -113,7 +142,16 @@ def sync_entity(
         stored = load.get_watermark(connection, spec.name)
         watermark_text = stored.isoformat() if stored else None
     stats = client.stats.as_metadata()
-    results = [_result(spec.name, header, stats, watermark_text, engine)]
+    webhook_metadata = (
+        {
+            "webhook_events_applied": events.events,
+            "webhook_events_from_body": events.upserted,
+            "webhook_events_read_again": events.fetched,
+        }
+        if spec.webhook_entity
+        else {}
+    )
+    results = [_result(spec.name, header, stats, watermark_text, engine, webhook_metadata)]
     for child in spec.children:
         results.append(_result(child.name, children[child.name], stats, watermark_text, engine))
     for name, tally in extra.items():
@@ -175,6 +213,7 @@ def _result(
     stats: Mapping[str, int | float],
     watermark: str | None,
     engine: Engine,
+    extra: Mapping[str, Any] | None = None,
 ) -> dg.MaterializeResult:
     table = table_for(name)
     with engine.connect() as connection:
@@ -199,6 +238,7 @@ def _result(
     }
     if watermark:
         metadata["watermark"] = watermark
+    metadata.update(extra or {})
     return dg.MaterializeResult(asset_key=asset_key(name), metadata=metadata)
 
 

@@ -18,7 +18,9 @@ def hourly_backstop(partitions: dg.DailyPartitionsDefinition) -> dg.ScheduleDefi
         "entities) so that nothing a webhook missed stays missing for long.",
     )
     def _schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        today = partitions.get_last_partition_key(current_time=context.scheduled_execution_time)
+        today = partitions.get_partition_key_for_timestamp(
+            context.scheduled_execution_time.timestamp()
+        )
         return dg.RunRequest(
             run_key=f"backstop-{context.scheduled_execution_time.isoformat()}",
             partition_key=today,

@@ -55,8 +55,17 @@ def settings_for(server: SandboxServer, warehouse_url: str, state_url: str) -> S
     return Settings.from_env(env)
 
 
+def entity_assets(defs: dg.Definitions) -> list[dg.AssetsDefinition]:
+    """The entity assets (keys ``rillet/<table>``), without reports and models."""
+    return [
+        a
+        for a in defs.assets or []
+        if all(len(k.path) == 2 and k.path[0] == "rillet" for k in a.keys)  # type: ignore[union-attr]
+    ]
+
+
 def materialize_everything(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
-    assets = list(defs.assets or [])
+    assets = entity_assets(defs)
     unpartitioned = [a for a in assets if a.partitions_def is None]  # type: ignore[union-attr]
     partitioned = [a for a in assets if a.partitions_def is not None]  # type: ignore[union-attr]
     assert dg.materialize(unpartitioned, resources=defs.resources, instance=instance).success
@@ -117,7 +126,7 @@ def test_definitions_load_and_snapshot() -> None:
     defs = build_definitions(Settings.from_env({"RILLET_START_DATE": START}))
     dg.Definitions.validate_loadable(defs)
     snapshot = {}
-    for assets_def in defs.assets or []:
+    for assets_def in entity_assets(defs):
         for key in assets_def.keys:  # type: ignore[union-attr]
             snapshot["/".join(key.path)] = (
                 assets_def.group_names_by_key[key],  # type: ignore[union-attr]
@@ -132,8 +141,8 @@ def test_definitions_load_and_snapshot() -> None:
         table_name(c.name) for e in catalog.ENTITIES for c in e.children
     }
     assert {k.removeprefix("rillet/") for k in snapshot} == expected_tables
-    for assets_def in defs.assets or []:
-        assert assets_def.op.pool == "rillet_api"  # type: ignore[union-attr]
+    for assets_def in entity_assets(defs):
+        assert assets_def.op.pool == "rillet_api"
     assert defs.resolve_job_def("sync_all") is not None
 
 
