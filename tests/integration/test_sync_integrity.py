@@ -248,6 +248,47 @@ def test_s2_a_crash_at_any_point_never_leaves_the_watermark_ahead_of_the_rows(
     engine.dispose()
 
 
+# ----------------------------------------------------------------------------- S8: deletes
+
+
+def test_s8_deletes_are_inferred_only_from_a_complete_pass(
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = warehouse(f"sqlite:///{tmp_path}/w.db")
+    changes = activity(server, seed=8)
+    for _ in range(4):
+        changes.new_journal_entry()
+    run_sync(server, engine, "journal_entry")
+    before = set(truth(server, "journal_entry"))
+    changes.delete_journal_entry()
+    changes.delete_journal_entry()
+    gone = before - set(truth(server, "journal_entry"))
+    assert len(gone) == 2
+    fetch, pages = RilletClient.get_page, [0]
+
+    def fail_on_page_three(self: RilletClient, spec: Any, params: Any) -> Any:
+        pages[0] += 1
+        if pages[0] == 3:
+            raise Crash("the pass fails half-way")
+        return fetch(self, spec, params)
+
+    monkeypatch.setattr(RilletClient, "get_page", fail_on_page_three)
+    with pytest.raises(Crash):
+        run_sync(server, engine, "journal_entry")
+    monkeypatch.setattr(RilletClient, "get_page", fetch)
+    table = table_for("journal_entry")
+
+    def marked() -> set[str]:
+        with engine.connect() as connection:
+            query = sa.select(table.c.id).where(table.c.deleted_at.is_not(None))
+            return set(connection.execute(query).scalars())
+
+    assert marked() == set()  # a partial pass proves nothing
+    run_sync(server, engine, "journal_entry")
+    assert marked() == gone  # exactly the deleted ids
+    engine.dispose()
+
+
 # ----------------------------------------------------------------------------- S3: cursor expiry
 
 
