@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from bench import client_bench, ratelimit_bench, sandbox_bench, warehouse_bench
+from bench import (
+    client_bench,
+    ratelimit_bench,
+    receiver_bench,
+    sandbox_bench,
+    sync_memory_bench,
+    warehouse_bench,
+)
 
 BENCHMARKS = {
     "sandbox": sandbox_bench.main,
     "client": client_bench.main,
     "ratelimit": ratelimit_bench.main,
     "warehouse": warehouse_bench.main,
+    "sync-memory": sync_memory_bench.main,
+    "receiver": receiver_bench.main,
 }
 
 

@@ -8,7 +8,7 @@ are inferred only from a complete full pass (a partial pass proves nothing).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -76,7 +76,7 @@ def sync_entity(
     header = TableTally()
     children = {child.name: TableTally() for child in spec.children}
     extra = {"bill_payment": TableTally()} if spec.name == "bill" else {}
-    seen: set[str] = set()
+    loaded = 0
     updated_since = None if window.full else window.start
 
     def count(batch: list[dict[str, Any]], result: load.UpsertResult) -> None:
@@ -115,8 +115,8 @@ def sync_entity(
             header.add(
                 load.upsert_records(connection, spec, batch, run_id=run_id, synced_at=synced_at)
             )
+        loaded += len(batch)
         for record in batch:
-            seen.add(record["id"])
             stamp = record.get("updated_at")
             moment = parse_timestamp(stamp) if isinstance(stamp, str) else None
             header.in_window += window.contains(moment)
@@ -126,10 +126,12 @@ def sync_entity(
             header.preview.extend(batch[: 5 - len(header.preview)])
         if spec.name == "bill":
             _sync_bill_payments(client, engine, batch, extra["bill_payment"], run_id, synced_at)
-        log.info(f"{spec.name}: loaded {len(seen)} records so far")
+        log.info(f"{spec.name}: loaded {loaded} records so far")
     complete = read_rillet and (stream is None or stream.complete)
     if complete and updated_since is None:
-        # Only a complete pass over everything proves that a missing record was deleted.
+        # Only a complete pass over everything proves that a missing record was deleted. The
+        # stream already remembers the ids it yielded (compactly): no second set of them.
+        seen: Container[str] = stream if stream is not None else {r["id"] for r in records}
         with engine.begin() as connection:
             header.soft_deleted = load.mark_missing_deleted(connection, spec, seen, synced_at)
     if complete and stream is not None and spec.incremental:

@@ -58,6 +58,10 @@ class RecordStream(Iterator[dict[str, Any]]):
     def __iter__(self) -> RecordStream:
         return self
 
+    def __contains__(self, record_id: object) -> bool:
+        """Whether this pass has yielded the record with this id."""
+        return isinstance(record_id, str) and _id_key(record_id) in self._seen
+
     def __next__(self) -> dict[str, Any]:
         return next(self._iterator)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from functools import partial
@@ -137,15 +138,34 @@ def _refuse(value: object) -> None:
     raise _NeedsExactEncoder
 
 
-# One encoder for every call (json.dumps builds a new one each time). Records parsed from JSON
-# cannot be circular; a structure that is fails with RecursionError instead of a neat message.
-_fast_dumps = json.JSONEncoder(
-    ensure_ascii=False,
-    separators=(",", ":"),
-    allow_nan=False,
-    check_circular=False,
-    default=_refuse,
-).encode
+def _make_fast_dumps() -> Callable[[Any], str]:
+    """Compact JSON text from the C encoder, which refuses (via ``_refuse``) a Decimal.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, a fixed cost of about a quarter
+    of encoding a whole line item; here it is built once. Records parsed from JSON cannot be
+    circular; a structure that is fails with RecursionError instead of a neat message.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the json C accelerator
+        return json.JSONEncoder(
+            ensure_ascii=False,
+            separators=(",", ":"),
+            allow_nan=False,
+            check_circular=False,
+            default=_refuse,
+        ).encode
+    # (markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan)
+    encode = make(
+        None, _refuse, json.encoder.c_encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def fast_dumps(value: Any) -> str:
+        return "".join(encode(value, 0))
+
+    return fast_dumps
+
+
+_fast_dumps = _make_fast_dumps()
 
 
 def _key_text(key: object) -> str:

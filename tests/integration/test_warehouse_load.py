@@ -38,6 +38,7 @@ from rillet_dagster.warehouse import (
     upsert_records,
     write_transaction,
 )
+from rillet_dagster.warehouse import load as warehouse_load
 from rillet_dagster.warehouse.schema import column_name
 from rillet_dagster.warehouse.types import ExactDecimal, dumps
 from tests.pg import require_postgres
@@ -629,6 +630,16 @@ def test_missing_required_field_names_entity_id_and_field(engine: sa.Engine, fie
         (lambda r: r["items"].append(dict(r["items"][0])), "items[2].id"),
         (lambda r: r.update(items={"not": "a list"}), "items"),
         (lambda r: r.update(id=7), "id"),
+        (lambda r: r.update(total={"amount": 1.5, "currency": "USD"}), "total.amount"),
+        (lambda r: r.update(total={"amount": "1,00", "currency": "USD"}), "total.amount"),
+        (lambda r: r.update(total={"currency": "USD"}), "total"),
+        (lambda r: r.update(invoice_number=["x"]), "invoice_number"),
+        (lambda r: r["items"][0].update(quantity=0.5), "items[0].quantity"),
+        (lambda r: r["items"][1].update(total_amount=money("x")), "items[1].total_amount.amount"),
+        (
+            lambda r: r["items"][1].update(total_amount=money("1", "EURO")),
+            "items[1].total_amount.currency",
+        ),
     ],
 )
 def test_values_of_the_wrong_shape_are_typed_errors(
@@ -640,6 +651,80 @@ def test_values_of_the_wrong_shape_are_typed_errors(
         load(engine, INVOICE, [record])
     assert caught.value.field == field
     assert count(engine, "invoice") == 0
+
+
+def test_values_are_stored_in_canonical_form_and_the_record_as_received(
+    engine: sa.Engine,
+) -> None:
+    record = invoice("a", 0)
+    record.update(
+        total={"amount": "0100.50", "currency": "USD"},
+        overdue=True,
+        sent_at="2026-11-01T10:00:00.5+02:00",
+    )
+    record["items"][0].update(quantity="1E+2", total_amount={"amount": 7, "currency": "EUR"})
+    record["items"][1]["total_amount"] = money("-0.000")
+    load(engine, INVOICE, [record])
+    [row] = rows(engine, "invoice")
+    assert (row["total"], row["overdue"]) == (Decimal("100.50"), True)
+    assert row["sent_at"] == datetime(2026, 11, 1, 8, 0, 0, 500000, tzinfo=UTC)
+    lines = rows(engine, "invoice_item")
+    assert lines[0]["quantity"] == Decimal("100")
+    assert (lines[0]["total_amount"], lines[0]["total_amount_currency"]) == (Decimal(7), "EUR")
+    # PostgreSQL NUMERIC has no negative zero; the scale is kept on both backends.
+    assert lines[1]["total_amount"].as_tuple().exponent == -3
+    [stored] = read_records(engine, INVOICE)
+    assert stored["total"]["amount"] == "0100.50"
+    assert stored["items"][0]["quantity"] == "1E+2"
+
+
+# ----------------------------------------------------------------------------- PostgreSQL paths
+
+
+@pytest.mark.postgres
+def test_postgres_first_load_copies_straight_into_the_table_with_lz4(
+    postgres_engine: sa.Engine,
+) -> None:
+    records = [invoice(f"i-{n}", 0, items=3) for n in range(50)]
+    records[0]["memo"] = "x" * 20_000  # large enough to be compressed out of line
+    result = load(postgres_engine, INVOICE, records)
+    assert (result.inserted, result.updated, result.child_rows) == (50, 0, 150)
+    with postgres_engine.connect() as conn:
+        available = conn.scalar(
+            sa.text(
+                "SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                "WHERE name = 'default_toast_compression'"
+            )
+        )
+        method = conn.scalar(
+            sa.text("SELECT pg_column_compression(_record) FROM invoices WHERE id = 'i-0'")
+        )
+        session_default = conn.scalar(sa.text("SHOW default_toast_compression"))
+    assert method == ("lz4" if available else "pglz")
+    assert session_default == "pglz"  # SET LOCAL: the load leaves the session alone
+    assert read_records(postgres_engine, INVOICE)[0]["memo"] == "x" * 20_000
+
+
+@pytest.mark.postgres
+def test_postgres_copy_that_meets_a_concurrent_insert_falls_back_to_the_upsert(
+    postgres_engine: sa.Engine,
+) -> None:
+    # As if another writer inserted "a" between the stored-row lookup and the COPY.
+    load(postgres_engine, INVOICE, [invoice("a", 10, total="1.00")], run_id="other")
+    plan = warehouse_load._plan(INVOICE)
+    with postgres_engine.begin() as conn:
+        extractor = warehouse_load._Extractor(plan, postgres=True, run_id="me", synced_at=NOW)
+        entries = [
+            extractor.entry(invoice("a", 20, total="2.00")),
+            extractor.entry(invoice("b", 0)),
+        ]
+        writer = warehouse_load._PostgresWriter(conn, plan)
+        inserted, updated = writer.upsert(entries, stored={})
+    assert (sorted(inserted), updated) == (["b"], ["a"])
+    assert [(r["id"], r["total"], r["_run_id"]) for r in rows(postgres_engine, "invoice")] == [
+        ("a", Decimal("2.00"), "me"),
+        ("b", Decimal("100.00"), "me"),
+    ]
 
 
 # ----------------------------------------------------------------------------- atomicity (S2)
