@@ -11,6 +11,7 @@ from bench import (
     sandbox_bench,
     sync_memory_bench,
     warehouse_bench,
+    webhook_latency_bench,
 )
 
 BENCHMARKS = {
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "warehouse": warehouse_bench.main,
     "sync-memory": sync_memory_bench.main,
     "receiver": receiver_bench.main,
+    "webhook-latency": webhook_latency_bench.main,
 }
 
 
