@@ -49,6 +49,10 @@ def instance_home(tmp_path: Path) -> Path:
     config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     config["run_monitoring"]["poll_interval_seconds"] = POLL_SECONDS
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    # Create the instance's tables now: the daemon and `dagster job launch` starting on an empty
+    # home would both create them, and the loser fails with "table already exists".
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
     return home
 
 
@@ -87,7 +91,7 @@ def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
     }
     # Slow responses keep the run busy long enough to be killed in the middle.
     httpx.put(
-        f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 60, "latency_max_ms": 90}
+        f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
     )
     bin_dir = Path(sys.executable).parent
     daemon = subprocess.Popen(

@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,10 +70,19 @@ def client(server: SandboxServer) -> RilletClient:
     return RilletClient(api_key=KEY, base_url=server.base_url)
 
 
-def run_sync(server: SandboxServer, engine: sa.Engine, entity: str, window: Window = EVERYTHING):
-    with client(server) as rillet:
+def run_sync(
+    server: SandboxServer,
+    engine: sa.Engine,
+    entity: str,
+    window: Window = EVERYTHING,
+    rillet: RilletClient | None = None,
+) -> Any:
+    """One pass; with a fresh client (its stats are the pass's) unless one is given."""
+    if rillet is not None:
         sync_entity(catalog.entity(entity), rillet, engine, window=window, run_id="test", log=log)
         return rillet.stats
+    with client(server) as fresh:
+        return run_sync(server, engine, entity, window, fresh)
 
 
 def assert_matches(server: SandboxServer, engine: sa.Engine, entity: str) -> None:
@@ -216,35 +224,39 @@ class CrashPoints:
 def test_s2_a_crash_at_any_point_never_leaves_the_watermark_ahead_of_the_rows(
     server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sync, "BATCH_SIZE", 10)  # a commit every 10 records: many crash points
+    monkeypatch.setattr(sync, "BATCH_SIZE", 3)  # a commit every 3 records: many crash points
     engine = warehouse(f"sqlite:///{tmp_path}/w.db")
     points = CrashPoints(monkeypatch)
     changes = activity(server, seed=5)
     rng = random.Random(20261128)
+    rillet = client(server)  # one client for all passes: only the warehouse state matters here
     since = datetime.now(UTC) - timedelta(minutes=1)
     windows = {True: EVERYTHING, False: Window(start=since, end=None, full=False)}
     points_per_pass = {}
     for full, window in windows.items():
         points.count = 0
-        run_sync(server, engine, "invoice", window)
+        run_sync(server, engine, "customer", window, rillet)
         points_per_pass[full] = points.count
     crashes = 0
     for _ in range(1000):
-        if rng.random() < 0.3:
-            changes.step()
+        if rng.random() < 0.03:  # customers come and change between passes
+            changes.new_customer()
+        elif rng.random() < 0.3:
+            changes.update_customer()
         full = rng.random() < 0.3
         # One number past the last point lets some passes finish, so the watermark moves.
         points.count, points.crash_at = 0, rng.randint(1, points_per_pass[full] + 1)
         try:
-            run_sync(server, engine, "invoice", windows[full])
+            run_sync(server, engine, "customer", windows[full], rillet)
             points_per_pass[full] = points.count
         except Crash:
             crashes += 1
-        assert_watermark_not_ahead(engine, "invoice")
+        assert_watermark_not_ahead(engine, "customer")
     assert crashes > 700  # most passes really were cut short
     points.crash_at = -1
-    run_sync(server, engine, "invoice")
-    assert_matches(server, engine, "invoice")
+    run_sync(server, engine, "customer")
+    assert_matches(server, engine, "customer")
+    rillet.close()
     engine.dispose()
 
 
@@ -396,31 +408,49 @@ def test_s11_sequential_incremental_reads_and_a_future_window(
 def test_s13_two_runs_of_the_same_entity_at_once(
     server: SandboxServer, tmp_path: Path, backend: str
 ) -> None:
+    """Two run processes (as two launched runs are) load the same entity into one warehouse."""
     url = f"sqlite:///{tmp_path}/w.db" if backend == "sqlite" else postgres_url(tmp_path.name)
-    defs = build_definitions(settings_for(server, url, tmp_path))
-    asset = assets_for(defs, "journal_entries")
-    outcomes: list[bool] = []
-
-    def one_run() -> None:
-        with dg.instance_for_test() as instance:
-            result = dg.materialize(
-                [asset], resources=defs.resources, instance=instance, tags=all_days()
-            )
-            outcomes.append(result.success)
-
-    runs = [threading.Thread(target=one_run) for _ in range(2)]
+    env = {
+        **os.environ,
+        "RILLET_BASE_URL": server.base_url,
+        "RILLET_API_KEY": KEY,
+        "RILLET_WAREHOUSE_URL": url,
+        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
+        "RILLET_RATE_LIMIT": "1000000/60",
+        "RILLET_START_DATE": START,
+    }
+    command = [
+        str(Path(sys.executable).with_name("dagster")),
+        "asset",
+        "materialize",
+        "-m",
+        "rillet_dagster.definitions",
+        "--select",
+        "rillet/invoices,rillet/invoice_items",
+        "--partition-range",
+        f"{START}...{TODAY.isoformat()}",
+    ]
+    homes = [tmp_path / f"home{n}" for n in range(2)]  # the runs share the warehouse only
+    for home in homes:
+        home.mkdir()
+    runs = [
+        subprocess.Popen(
+            command,
+            env={**env, "DAGSTER_HOME": str(home)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for home in homes
+    ]
     for run in runs:
-        run.start()
-    for run in runs:
-        run.join(timeout=240)
-    assert outcomes == [True, True]
+        _, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0, stderr.decode()[-3000:]
     engine = make_engine(url)
-    assert_matches(server, engine, "journal_entry")
-    for child in ("journal_entry_item",):
-        table = table_for(child)
-        with engine.connect() as connection:
-            rows = connection.execute(sa.select(sa.func.count()).select_from(table)).scalar()
-        assert rows == sum(len(r["items"]) for r in truth(server, "journal_entry").values())
+    assert_matches(server, engine, "invoice")
+    table = table_for("invoice_item")
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+    assert rows == sum(len(r["items"]) for r in truth(server, "invoice").values())
     engine.dispose()
 
 
