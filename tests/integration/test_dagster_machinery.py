@@ -74,7 +74,7 @@ def test_d2_transient_failures_are_retried_by_the_policy_with_bounded_delays(
             ),
             "warehouse": WarehouseResource(url=settings.warehouse_url),
         }
-        with dg.instance_for_test() as instance:
+        with dg.DagsterInstance.ephemeral() as instance:
             result = dg.materialize([asset], resources=resources, instance=instance)
     finally:
         server.stop()

@@ -156,7 +156,7 @@ def test_materializing_every_entity_loads_exactly_the_sandbox(
         f"sqlite:///{tmp_path}/warehouse.db" if backend == "sqlite" else postgres_url(tmp_path.name)
     )
     defs = build_definitions(settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db"))
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         materialize_everything(defs, instance)
         check_warehouse_matches(sandbox, warehouse_url)
         # A rerun changes nothing.
@@ -181,7 +181,7 @@ def test_missing_api_key_for_a_real_host_fails_at_resource_setup(tmp_path: Path)
     defs = build_definitions(settings)
     products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
     with (
-        dg.instance_for_test() as instance,
+        dg.DagsterInstance.ephemeral() as instance,
         pytest.raises(dg.DagsterInvariantViolationError, match="RILLET_API_KEY"),
     ):
         dg.materialize([products], resources=defs.resources, instance=instance)
@@ -193,7 +193,7 @@ def test_unreachable_warehouse_fails_clearly_and_records_nothing(
     url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
     defs = build_definitions(settings_for(sandbox, url, f"sqlite:///{tmp_path}/state.db"))
     products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         with pytest.raises(
             dg.DagsterInvariantViolationError, match="RILLET_WAREHOUSE_URL"
         ) as caught:
@@ -232,7 +232,7 @@ def test_a_90_day_invoice_backfill_costs_one_pass(sandbox: SandboxServer, tmp_pa
     first, last = (today - timedelta(days=90)).isoformat(), today.isoformat()
     stats_url = f"{sandbox.base_url}/_sandbox/stats"
     httpx.post(f"{stats_url}/reset")
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [invoices],
             resources=defs.resources,
@@ -267,7 +267,7 @@ def test_a_record_deleted_in_rillet_is_soft_deleted_by_the_next_full_sync(
     }
     world = sandbox.sandbox.world
     victim = world.bulk.record_id(7)  # type: ignore[union-attr]  # a manual entry, deletable
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         assert dg.materialize(
             [entries], resources=defs.resources, instance=instance, tags=tags
         ).success
@@ -360,7 +360,7 @@ def test_the_api_key_never_leaks(
             & set(a.keys)  # type: ignore[union-attr]
         ]
         caplog.set_level("DEBUG")
-        with dg.instance_for_test() as instance:
+        with dg.DagsterInstance.ephemeral() as instance:
             for assets_def in chosen:
                 tags = {}
                 if assets_def.partitions_def is not None:  # type: ignore[union-attr]

@@ -196,7 +196,7 @@ def test_report_rows_equal_the_simulator_responses_exactly(
         report_settings(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db")
     )
     subsidiaries = subsidiary_keys(sandbox)
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         materialize_reports(defs, instance, subsidiaries)
     engine = make_engine(warehouse_url)
     try:

@@ -48,6 +48,9 @@ def instance_home(tmp_path: Path) -> Path:
     home.mkdir()
     config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     config["run_monitoring"]["poll_interval_seconds"] = POLL_SECONDS
+    # The killed run's rillet_api slot comes back this long after it is marked failed (60 s in
+    # dagster.yaml); the retry waits for it, so a short delay keeps the test a minute shorter.
+    config["run_monitoring"]["free_slots_after_run_end_seconds"] = 2 * POLL_SECONDS
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     # Create the instance's tables now: the daemon and `dagster job launch` starting on an empty
     # home would both create them, and the loser fails with "table already exists".

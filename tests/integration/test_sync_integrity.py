@@ -313,7 +313,7 @@ def test_s3_cursor_expiring_mid_pass_through_the_asset(
     url = f"sqlite:///{tmp_path}/w.db"
     defs = build_definitions(settings_for(server, url, tmp_path))
     asset = assets_for(defs, "journal_entries")
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [asset], resources=defs.resources, instance=instance, tags=all_days()
         )
@@ -350,7 +350,7 @@ def test_s4_a_record_changed_during_a_pass_is_caught_by_the_next_run(
         return answer
 
     today = TODAY.isoformat()
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         everything = dg.materialize(
             [asset], resources=defs.resources, instance=instance, tags=all_days()
         )
@@ -493,7 +493,7 @@ def test_s15_postgres_restarted_mid_run_is_retried_and_no_half_batch_shows(
         return upsert(connection, *args, **kwargs)
 
     monkeypatch.setattr(load, "upsert_records", upsert_after_a_restart)
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [asset],
             resources=defs.resources,

@@ -270,7 +270,7 @@ def test_the_sensor_requests_one_events_only_run_per_entity_and_the_run_applies_
     queue(urls["state"], "CUSTOMER", "UPDATED", {**customer, "name": "Live", "updated_at": now})
     queue(urls["state"], "INVOICE", "UPDATED", {**invoice, "memo": "live", "updated_at": now})
     queue(urls["state"], "INVOICE", "CREATED", {**invoice, "memo": "live", "updated_at": now})
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         result = evaluate(sensor, instance, resources)
         requests = {r.tags["rillet/entity"]: r for r in result.run_requests}
         assert set(requests) == {"customer", "invoice"}
@@ -310,7 +310,7 @@ def test_events_left_pending_are_requested_again_under_a_new_key(
     assets, resources = definitions_for(server, urls)
     customer = truth(server, "customer")[0]
     queue(urls["state"], "CUSTOMER", "UPDATED", customer)
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         fresh = evaluate(webhook_sensor(assets, stale_after_seconds=3600), instance, resources)
         stale = evaluate(webhook_sensor(assets, stale_after_seconds=1e-3), instance, resources)
     assert fresh.run_requests[0].run_key != stale.run_requests[0].run_key
@@ -321,7 +321,7 @@ def test_a_queued_webhook_run_is_not_requested_twice(
 ) -> None:
     assets, resources = definitions_for(server, urls)
     queue(urls["state"], "CUSTOMER", "UPDATED", truth(server, "customer")[0])
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         instance.create_run_for_job(
             dg.GraphDefinition("queued").to_job(),
             status=dg.DagsterRunStatus.NOT_STARTED,  # waiting to start, like a queued run
@@ -345,7 +345,7 @@ def test_d3_a_failing_evaluation_requests_nothing_and_keeps_the_cursor(
             state_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
         ),
     }
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         with (
             dg.build_sensor_context(instance=instance, resources=broken, cursor="old") as context,
             pytest.raises(Exception, match=r"127\.0\.0\.1"),
@@ -384,7 +384,7 @@ def test_q4_a_backlog_drains_in_one_run_per_entity(
             )
     engine.dispose()
     messages: list[str] = []
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         result = evaluate(webhook_sensor(assets), instance, resources)
         assert len(result.run_requests) <= -(-5000 // events_module.BATCH_SIZE)
         for request in result.run_requests:

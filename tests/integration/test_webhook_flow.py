@@ -110,7 +110,7 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
         "dagster/asset_partition_range_start": START,
         "dagster/asset_partition_range_end": TODAY.isoformat(),
     }
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         for asset in chosen.values():
             first = dg.materialize([asset], resources=resources, instance=instance, tags=tags)
             assert first.success
@@ -183,7 +183,7 @@ def test_q7_deliveries_rillet_gave_up_on_are_recovered_by_the_backstop(tmp_path:
             "dagster/asset_partition_range_start": START,
             "dagster/asset_partition_range_end": TODAY.isoformat(),
         }
-        with dg.instance_for_test() as instance:
+        with dg.DagsterInstance.ephemeral() as instance:
             assert dg.materialize([invoices], resources=resources, instance=instance, tags=tags)
             changes = Activity(server.sandbox.writer, server.sandbox.world, rate_per_second=1.0)
             for _ in range(3):
