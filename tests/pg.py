@@ -40,7 +40,9 @@ def require_postgres() -> None:
 def postgres_url(name: str) -> str:
     """A URL of an empty database ``rt_<name>`` (dropped and recreated)."""
     require_postgres()
-    database = "rt_" + re.sub(r"[^a-z0-9_]", "_", name.lower())[:50]
+    # Parallel test workers (pytest-xdist) name their temp dirs alike: the worker keeps them apart.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    database = "rt_" + re.sub(r"[^a-z0-9_]", "_", f"{worker}_{name}".lower())[:58]
     engine = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from dagster._daemon.monitoring.concurrency import execute_concurrency_slots_ite
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
 
 from rillet_dagster import catalog
-from rillet_dagster.assets import entities
+from rillet_dagster.assets import checks, entities
+from rillet_dagster.assets.reports import report_asset_key
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.rillet.errors import RilletConnectionError
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
@@ -129,18 +131,31 @@ def _claimed(instance: dg.DagsterInstance) -> list[Any]:
     return list(info.claimed_slots)
 
 
-# ----------------------------------------------------------------------------- X2
+# ----------------------------------------------------------------------------- the UI
+
+CANARY = "canary-GRAPHQL-4b1d0e8a7c"
+LOCATION = {"repositoryLocationName": "rillet_dagster", "repositoryName": "__repository__"}
 
 
-def test_x2_the_ui_shows_the_api_key_variable_never_its_value(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    canary = "canary-GRAPHQL-4b1d0e8a7c"
-    monkeypatch.setenv("RILLET_API_KEY", canary)
-    monkeypatch.setenv("RILLET_BASE_URL", "production")
-    monkeypatch.setenv("RILLET_WAREHOUSE_URL", f"sqlite:///{tmp_path}/w.db")
-    monkeypatch.setenv("RILLET_STATE_URL", f"sqlite:///{tmp_path}/s.db")
-    monkeypatch.chdir(ROOT)
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """What the webserver serves: the code location loaded from workspace.yaml in a code server,
+    queried through Dagster's GraphQL API (one load for every test here: it takes ~10 s)."""
+    tmp = tmp_path_factory.mktemp("ui")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RILLET_API_KEY", CANARY)
+        patch.setenv("RILLET_BASE_URL", "production")
+        patch.setenv("RILLET_WAREHOUSE_URL", f"sqlite:///{tmp}/w.db")
+        patch.setenv("RILLET_STATE_URL", f"sqlite:///{tmp}/s.db")
+        patch.chdir(ROOT)
+        with (
+            dg.instance_for_test() as instance,
+            define_out_of_process_context(str(ROOT / "workspace.yaml"), None, instance) as context,
+        ):
+            yield context
+
+
+def test_x2_the_ui_shows_the_api_key_variable_never_its_value(ui: Any) -> None:
     query = """
       query Resource($selector: ResourceSelector!) {
         topLevelResourceDetailsOrError(resourceSelector: $selector) {
@@ -149,23 +164,41 @@ def test_x2_the_ui_shows_the_api_key_variable_never_its_value(
         }
       }
     """
-    with (
-        dg.instance_for_test() as instance,
-        define_out_of_process_context(str(ROOT / "workspace.yaml"), None, instance) as context,
-    ):
-        result = execute_dagster_graphql(
-            context,
-            query,
-            variables={
-                "selector": {
-                    "repositoryLocationName": "rillet_dagster",
-                    "repositoryName": "__repository__",
-                    "resourceName": "rillet",
-                }
-            },
-        )
+    result = execute_dagster_graphql(
+        ui, query, variables={"selector": {**LOCATION, "resourceName": "rillet"}}
+    )
     details = result.data["topLevelResourceDetailsOrError"]
     assert details["__typename"] == "ResourceDetails", details
     values = {v["key"]: v for v in details["configuredValues"]}
     assert values["api_key"] == {"key": "api_key", "value": "RILLET_API_KEY", "type": "ENV_VAR"}
-    assert canary not in json.dumps(result.data)
+    assert CANARY not in json.dumps(result.data)
+
+
+def test_the_ui_shows_the_checks_on_each_report_asset(ui: Any) -> None:
+    query = """
+      query Reports($group: AssetGroupSelector!) {
+        assetNodes(group: $group) {
+          assetKey { path }
+          isPartitioned
+          assetChecksOrError {
+            __typename
+            ... on AssetChecks { checks { name blocking } }
+          }
+        }
+      }
+    """
+    result = execute_dagster_graphql(
+        ui, query, variables={"group": {**LOCATION, "groupName": "rillet_reports"}}
+    )
+    assert result.errors is None, result.errors
+    shown = {
+        "/".join(node["assetKey"]["path"]): (
+            node["isPartitioned"],
+            {(c["name"], c["blocking"]) for c in node["assetChecksOrError"]["checks"]},
+        )
+        for node in result.data["assetNodes"]
+    }
+    for report in {c.report for c in checks.REPORT_CHECKS}:
+        expected = {(c.name, c.blocking) for c in checks.REPORT_CHECKS if c.report == report}
+        assert shown[report_asset_key(report).to_user_string()] == (True, expected), report
+    assert sum(len(c) for _, c in shown.values()) == len(checks.REPORT_CHECKS)

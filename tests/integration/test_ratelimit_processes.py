@@ -42,6 +42,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # measures the share of the budget used
 @pytest.mark.timeout(60)
 def test_processes_sharing_a_budget_get_no_429s_and_use_most_of_it(
     server: SandboxServer, state_url: str

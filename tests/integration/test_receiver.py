@@ -459,6 +459,7 @@ def test_body_cap_bounds_memory(start_receiver: Callable[..., Receiver]) -> None
     assert receiver.post(Delivery(invoice_body())).status_code == 200
 
 
+@pytest.mark.serial  # asserts on timings
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_slow_senders_are_cut_off(
     start_receiver: Callable[..., Receiver], parser: str
@@ -482,6 +483,7 @@ def test_slow_senders_are_cut_off(
     assert receiver.rows() == []
 
 
+@pytest.mark.serial  # asserts on timings
 def test_idle_connections_do_not_slow_deliveries(receiver: Receiver) -> None:  # W12
     host, port = receiver.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port))) for _ in range(200)]

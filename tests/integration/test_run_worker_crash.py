@@ -32,7 +32,8 @@ TODAY = datetime.now(UTC).date()
 START = (TODAY - timedelta(days=1)).isoformat()
 CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
 
-pytestmark = pytest.mark.slow
+# Serial: the matrix bounds the time to mark the killed run failed (2 x the poll interval).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture
