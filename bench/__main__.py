@@ -6,6 +6,7 @@ import sys
 
 from bench import (
     client_bench,
+    code_location_bench,
     ratelimit_bench,
     receiver_bench,
     sandbox_bench,
@@ -22,6 +23,7 @@ BENCHMARKS = {
     "sync-memory": sync_memory_bench.main,
     "receiver": receiver_bench.main,
     "webhook-latency": webhook_latency_bench.main,
+    "code-location": code_location_bench.main,
 }
 
 
