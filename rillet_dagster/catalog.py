@@ -758,6 +758,15 @@ API_VERSIONS = (1, 2, 3, 4)
 DEFAULT_API_VERSION = 4
 
 
+def plural(name: str) -> str:
+    """The warehouse table of an entity: ``journal_entry`` -> ``journal_entries``."""
+    if name.endswith("y") and name[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return name[:-1] + "ies"
+    if name.endswith(("s", "x", "z", "ch", "sh")):
+        return name + "es"
+    return name + "s"
+
+
 def entity(name: str) -> EntitySpec:
     """The catalog entry called ``name``; a clear error names the known ones otherwise."""
     try:

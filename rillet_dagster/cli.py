@@ -8,7 +8,7 @@ rillet-dagster receiver [--host 127.0.0.1] [--port 8780] [--state-url URL]
                         [--max-future-seconds 300] [--max-age-seconds 604800]
                         [--http httptools|h11]
 rillet-dagster dev [--port 8765] [--ui-port 3000] [--receiver-port 8780] [--seed 7]
-                   [--size small] [--activity RATE]
+                   [--size small] [--activity RATE] [--report-months 1] [--env-file .env]
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from dotenv import load_dotenv
 
 from rillet_dagster.sandbox.data import SIZES, parse_size
 from rillet_dagster.sandbox.faults import parse_faults
@@ -96,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--seed", type=int, default=7)
     dev.add_argument("--size", type=_size, default="small")
     dev.add_argument("--activity", type=_positive_rate, default=1.0, metavar="RATE")
+    dev.add_argument(
+        "--report-months",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="month-end packs taken after the first sync, for the last N months (default 1)",
+    )
+    dev.add_argument(
+        "--env-file",
+        type=Path,
+        help="where to write the stack's settings for other shells (default ./.env in the "
+        "project folder, which Dagster's CLI loads)",
+    )
     receiver = commands.add_parser(
         "receiver",
         help="run the webhook receiver (POST /webhooks/rillet into the state database queue)",
@@ -104,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _receiver_arguments(receiver)
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -161,6 +183,9 @@ def run_receiver(args: argparse.Namespace) -> None:
     from rillet_dagster.receiver.app import ReceiverConfig, timestamp_policy
     from rillet_dagster.receiver.serve import serve
 
+    # The settings `rillet-dagster dev` wrote for other shells, as Dagster's CLI reads them;
+    # variables already set win.
+    load_dotenv(Path.cwd() / ".env", override=False)
     try:
         settings = Settings.from_env()
         secrets = parse_webhook_secrets(os.environ.get(args.secrets_env, ""), args.secrets_env)
@@ -274,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ui_port=args.ui_port,
                 activity=args.activity,
                 receiver_port=args.receiver_port,
+                report_months=args.report_months,
+                env_file=args.env_file,
             )
         )
 

@@ -7,26 +7,44 @@ import dagster as dg
 from rillet_dagster.assets.checks import build_checks
 from rillet_dagster.assets.entities import build_entity_assets, daily_partitions
 from rillet_dagster.assets.models import MODEL_ASSETS
+from rillet_dagster.assets.reconciliation import reconciliation_asset
 from rillet_dagster.assets.reports import build_report_assets
-from rillet_dagster.automation.jobs import sync_all
+from rillet_dagster.automation.jobs import refresh_models, sync_all
 from rillet_dagster.automation.report_schedules import build_report_jobs, build_report_schedules
 from rillet_dagster.automation.schedules import hourly_backstop
-from rillet_dagster.automation.sensors import build_report_sensors
-from rillet_dagster.automation.webhook_sensor import webhook_sensor
+from rillet_dagster.automation.sensors import build_report_sensors, models_after_sync_sensor
+from rillet_dagster.automation.webhook_sensor import webhook_job, webhook_sensor
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import API_KEY_VAR, Settings
+
+
+def console_logger(level: str) -> dg.LoggerDefinition:
+    """Runs print INFO and above to their console (Dagster's default is every DEBUG event); the
+    UI keeps every event whatever this says. ``RILLET_LOG_LEVEL`` changes it."""
+    return dg.colored_console_logger.configured({"log_level": level, "name": "dagster"})
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     partitions = daily_partitions(settings)
     entity_assets = build_entity_assets(settings)
+    apply_events = webhook_job(entity_assets)
     return dg.Definitions(
-        assets=[*entity_assets, *build_report_assets(settings), *MODEL_ASSETS],
+        assets=[
+            *entity_assets,
+            *build_report_assets(settings),
+            *MODEL_ASSETS,
+            reconciliation_asset(settings),
+        ],
         asset_checks=build_checks(settings),
-        jobs=[sync_all, *build_report_jobs()],
+        jobs=[sync_all, refresh_models, apply_events, *build_report_jobs()],
         schedules=[hourly_backstop(partitions), *build_report_schedules(settings)],
-        sensors=[*build_report_sensors(settings), webhook_sensor(entity_assets)],
+        sensors=[
+            *build_report_sensors(settings),
+            webhook_sensor(entity_assets, apply_events),
+            models_after_sync_sensor(),
+        ],
+        loggers={"console": console_logger(settings.log_level)},
         resources={
             "rillet": RilletResource(
                 base_url=settings.base_url,

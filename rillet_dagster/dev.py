@@ -1,26 +1,35 @@
-"""``rillet-dagster dev``: the whole local stack in one command.
+"""``rillet-dagster dev``: the whole local stack in one command, ending in a reconciled company.
 
 Starts the sandbox simulator (with live activity) on loopback, the webhook receiver (the
-sandbox signs and delivers every change to it with a token made for this session), points the
-code location at both through the environment, starts ``dagster dev`` (UI and daemon, so the
-webhook sensor turns queued events into runs) with a persistent ``DAGSTER_HOME``, and, once the
-UI answers, launches the ``sync_all`` job over every partition through Dagster's own GraphQL
-API, so that the SQLite warehouse fills while you watch and then follows every change live.
+sandbox signs and delivers every change to it with a token made for this session) and
+``dagster dev`` (UI and daemon) with a persistent ``DAGSTER_HOME``; writes the settings it uses
+to ``.env``, which Dagster's own CLI loads, so every README command works from another shell;
+then :mod:`rillet_dagster.first_run` syncs everything, takes recent reports and builds the
+models and their checks.
+
+The console shows only what the user can act on: the addresses, the first run's progress, a
+"ready" line, and failed runs afterwards. Dagster's own output and the receiver's go to log
+files under ``$DAGSTER_HOME/logs``. Ctrl+C stops every child (each runs in its own process
+group, so the terminal's SIGINT reaches only this process) without a traceback.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-from dagster_graphql import DagsterGraphQLClient
+from typing import IO
 
 from rillet_dagster.sandbox.activity import Activity
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
@@ -30,55 +39,85 @@ ROOT = Path(__file__).resolve().parents[1]
 # The simulator is Rillet-faithful at 60 requests per minute; the local demo runs ten times
 # faster so that a first full sync takes seconds, not minutes. Both sides use the same limit.
 DEV_RATE_LIMIT = (600, 60.0)
+# Written to .env, in this order; Dagster's CLI loads the file from the folder it runs in.
+ENV_KEYS = (
+    "DAGSTER_HOME",
+    "RILLET_BASE_URL",
+    "RILLET_API_KEY",
+    "RILLET_RATE_LIMIT",
+    "RILLET_WAREHOUSE_URL",
+    "RILLET_STATE_URL",
+    "RILLET_WEBHOOK_SECRETS",
+    "RILLET_START_DATE",
+)
+# Entity partitions start a week back: each daily partition of a run costs Dagster a planned
+# and a finished event per table (a first sync over 32 days wrote 2,000 events and took twice
+# as long); the first partition holds everything older.
+DEV_HISTORY_DAYS = 7
+STOP_SECONDS = 20
 
 
-def _wait_for_port(port: int, stop: threading.Event, timeout: float = 180.0) -> bool:
-    waited = 0.0
-    while waited < timeout and not stop.is_set():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            stop.wait(0.5)
-            waited += 0.5
-    return False
+def say(message: str) -> None:
+    print(f"rillet-dagster dev: {message}", flush=True)
 
 
-def _launch_initial_sync(ui_port: int, stop: threading.Event) -> None:
-    if not _wait_for_port(ui_port, stop):
-        return
-    settings = Settings.from_env()
-    from rillet_dagster.assets.entities import daily_partitions
-
-    keys = daily_partitions(settings).get_partition_keys()
-    client = DagsterGraphQLClient("127.0.0.1", port_number=ui_port)
-    for _ in range(60):  # the code location may still be loading
-        try:
-            run_id = client.submit_job_execution(
-                "sync_all",
-                repository_location_name="rillet_dagster",
-                tags={
-                    "dagster/asset_partition_range_start": keys[0],
-                    "dagster/asset_partition_range_end": keys[-1],
-                    "rillet/trigger": "manual",
-                },
-            )
-            print(f"rillet-dagster dev: launched sync_all over {len(keys)} days: run {run_id}")
-            return
-        except Exception as error:
-            last = error
-            stop.wait(2)
-    print(f"rillet-dagster dev: could not launch sync_all ({last}); launch it from the UI")
+def ports_in_use(ports: Mapping[str, int]) -> list[str]:
+    taken = []
+    for what, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(f"{port} ({what})")
+    return taken
 
 
-def _start_receiver(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    command = [
-        str(Path(sys.executable).with_name("rillet-dagster")),
-        "receiver",
-        "--port",
-        str(port),
+def write_env_file(path: Path, env: Mapping[str, str]) -> None:
+    lines = [
+        "# Written by `rillet-dagster dev` for the stack it runs. Dagster's CLI (dagster, dg) and",
+        "# `rillet-dagster receiver` load this file from this folder, so commands run here reach",
+        "# the same sandbox, warehouse and Dagster instance. Rewritten at every start.",
+        *(f"{key}={env[key]}" for key in ENV_KEYS),
     ]
-    return subprocess.Popen(command, env=env, cwd=ROOT)  # noqa: S603 - our own entry point
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Child:
+    """A child process in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, command: list[str], env: Mapping[str, str], cwd: Path, log: Path):
+        self.name = name
+        self.log = log
+        self._out: IO[bytes] = log.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and entry points
+            command,
+            env=dict(env),
+            cwd=cwd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_SECONDS) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout)
+        # Whatever it started and left behind (code servers) goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._out.close()
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_dev(
@@ -89,9 +128,24 @@ def run_dev(
     ui_port: int,
     activity: float,
     receiver_port: int = 8780,
+    report_months: int = 1,
+    env_file: Path | None = None,
 ) -> int:
     home = Path(os.environ.get("DAGSTER_HOME") or ROOT / ".dagster_home").resolve()
+    env_file = (env_file or ROOT / ".env").resolve()
+    taken = ports_in_use(
+        {"sandbox": sandbox_port, "Dagster UI": ui_port, "webhook receiver": receiver_port}
+    )
+    if taken:
+        say(
+            f"port {', '.join(taken)} is in use (another rillet-dagster dev?); stop it or choose "
+            "other ports with --port, --ui-port and --receiver-port"
+        )
+        return 2
     home.mkdir(parents=True, exist_ok=True)
+    # Not "logs": Dagster moves $DAGSTER_HOME/logs away for its telemetry at start.
+    logs = home / "dev_logs"
+    logs.mkdir(exist_ok=True)
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
     requests, window = DEV_RATE_LIMIT
     token = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -103,10 +157,10 @@ def run_dev(
         webhook_urls=(f"http://127.0.0.1:{receiver_port}/webhooks/rillet",),
         webhook_tokens=(token,),
     )
+    say(f"building the {size} sandbox company (seed {seed}) ...")
     sandbox = build_sandbox(options)
     server = SandboxServer(sandbox, port=sandbox_port).start()
     mover = Activity(sandbox.writer, sandbox.world, rate_per_second=activity)
-    mover.start()
     env = dict(os.environ)
     env.update(
         DAGSTER_HOME=str(home),
@@ -114,53 +168,150 @@ def run_dev(
         RILLET_API_KEY=options.api_keys[0],
         RILLET_RATE_LIMIT=f"{requests}/{window:g}",
         RILLET_WEBHOOK_SECRETS=token,
+        RILLET_WAREHOUSE_URL=f"sqlite:///{home / 'warehouse.db'}",
+        RILLET_STATE_URL=f"sqlite:///{home / 'state.db'}",
+        PYTHONUNBUFFERED="1",
     )
-    env.setdefault("RILLET_WAREHOUSE_URL", f"sqlite:///{home / 'warehouse.db'}")
-    env.setdefault("RILLET_STATE_URL", f"sqlite:///{home / 'state.db'}")
-    os.environ.update(
-        {
-            k: env[k]
-            for k in (
-                "RILLET_BASE_URL",
-                "RILLET_API_KEY",
-                "RILLET_RATE_LIMIT",
-                "RILLET_WAREHOUSE_URL",
-                "RILLET_STATE_URL",
-                "RILLET_WEBHOOK_SECRETS",
-                "DAGSTER_HOME",
-            )
-        }
-    )
+    env.setdefault("RILLET_LOG_LEVEL", "INFO")
+    first_day = datetime.now(UTC).date() - timedelta(days=DEV_HISTORY_DAYS)
+    env.setdefault("RILLET_START_DATE", first_day.isoformat())
+    os.environ.update({key: env[key] for key in ENV_KEYS})
+    write_env_file(env_file, env)
+    records = sum(len(c) for c in sandbox.world.store.collections.values())
     print(
-        f"rillet-dagster dev\n  sandbox:   {server.base_url} (key {options.api_keys[0]}, "
-        f"{activity:g} changes/s)\n  webhooks:  http://127.0.0.1:{receiver_port}/webhooks/rillet "
-        f"(queue in {env['RILLET_STATE_URL']})\n  Dagster:   http://127.0.0.1:{ui_port}\n"
-        f"  warehouse: {env['RILLET_WAREHOUSE_URL']}\n  history:   {home}",
+        f"rillet-dagster dev\n"
+        f"  sandbox:   {server.base_url} ({records:,} records, key {options.api_keys[0]}, "
+        f"about {activity:g} changes/s)\n"
+        f"  webhooks:  http://127.0.0.1:{receiver_port}/webhooks/rillet\n"
+        f"  Dagster:   http://127.0.0.1:{ui_port}\n"
+        f"  warehouse: {env['RILLET_WAREHOUSE_URL']}\n"
+        f"  settings:  {env_file} (for dagster and rillet-dagster commands in another shell)\n"
+        f"  logs:      {logs}/dagster.log, {logs}/receiver.log\n"
+        "  Ctrl+C stops everything.",
         flush=True,
     )
+    bin_dir = Path(sys.executable).parent
+    children: list[Child] = []
     stop = threading.Event()
-    launcher = threading.Thread(target=_launch_initial_sync, args=(ui_port, stop), daemon=True)
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(ROOT / "workspace.yaml"),
-        "-p",
-        str(ui_port),
-    ]
-    receiver = _start_receiver(receiver_port, env)
-    process = subprocess.Popen(command, env=env, cwd=ROOT)  # noqa: S603 - our own interpreter
-    launcher.start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return process.wait()
+        children.append(
+            Child(
+                "webhook receiver",
+                [
+                    str(bin_dir / "rillet-dagster"),
+                    "receiver",
+                    "--port",
+                    str(receiver_port),
+                    "--log-level",
+                    "warning",
+                ],
+                env,
+                home,
+                logs / "receiver.log",
+            )
+        )
+        dagster = Child(
+            "dagster dev",
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(ROOT / "workspace.yaml"),
+                "-p",
+                str(ui_port),
+            ],
+            env,
+            home,  # DAGSTER_HOME is the working folder: its dagster.yaml is the one in use
+            logs / "dagster.log",
+        )
+        children.append(dagster)
+        mover.start()
+        first = threading.Thread(
+            target=_first_run,
+            args=(home, ui_port, report_months, stop),
+            name="first-run",
+            daemon=True,
+        )
+        first.start()
+        watcher = threading.Thread(
+            target=_watch_failures, args=(home, ui_port, stop), name="failures", daemon=True
+        )
+        watcher.start()
+        while True:
+            for child in children:
+                if child.process.poll() is not None:
+                    say(
+                        f"{child.name} stopped (exit code {child.process.returncode}); the end "
+                        f"of {child.log}:\n{child.tail()}"
+                    )
+                    return 1
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+        print(flush=True)
+        say("stopping ...")
+        return 0
     finally:
         stop.set()
-        mover.stop()
-        server.stop()
-        receiver.terminate()
-        receiver.wait(timeout=10)
+        signal.signal(signal.SIGTERM, previous)
+        with _ignoring_interrupts():
+            for child in reversed(children):
+                child.stop(signal.SIGINT if child.name == "dagster dev" else signal.SIGTERM)
+            mover.stop()
+            server.stop()
+        say("stopped")
+
+
+class _ignoring_interrupts:
+    """A second Ctrl+C while children stop must not leave them running."""
+
+    def __enter__(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _first_run(home: Path, ui_port: int, report_months: int, stop: threading.Event) -> None:
+    from rillet_dagster.first_run import FirstRun
+
+    try:
+        FirstRun(
+            home=home,
+            ui_port=ui_port,
+            settings=Settings.from_env(),
+            report_months=report_months,
+            say=say,
+            stopped=stop.is_set,
+        ).run()
+    except Exception as error:
+        if not stop.is_set():
+            say(f"the first run stopped: {type(error).__name__}: {error}")
+
+
+def _watch_failures(home: Path, ui_port: int, stop: threading.Event) -> None:
+    """Name every run that fails from now on, with its link: the one thing worth a line."""
+    import dagster as dg
+
+    seen: set[str] = set()
+    started = time.time()
+    while not stop.wait(5):
+        try:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                while not stop.wait(5):
+                    for record in instance.get_run_records(
+                        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]), limit=20
+                    ):
+                        run = record.dagster_run
+                        if run.run_id in seen or (record.create_timestamp.timestamp() < started):
+                            continue
+                        seen.add(run.run_id)
+                        if run.tags.get("rillet/first_run"):
+                            continue  # the first run names its own failures
+                        say(
+                            f"run {run.job_name} FAILED: http://127.0.0.1:{ui_port}/runs/{run.run_id}"
+                        )
+        except Exception:  # noqa: S112 - the instance is still being created: retry
+            continue

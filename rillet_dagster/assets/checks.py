@@ -38,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
 from rillet_dagster import catalog
-from rillet_dagster.assets import models
+from rillet_dagster.assets import models, reconciliation
 from rillet_dagster.assets.reports import (
     partitions_for,
     period_of_partition,
@@ -172,55 +172,32 @@ def assets_equal_liabilities_plus_equity(engine: Engine, key: ReportKey) -> Outc
 def ledger_reproduces_trial_balance(engine: Engine, key: ReportKey) -> Outcome:
     """The warehouse ledger rolled up for the partition gives Rillet's trial balance exactly.
 
-    Beginning balance: every live line dated before the period; debit and credit totals: the
-    lines within it; ending balance: both. Per subsidiary the lines are the subsidiary's own
-    journal entries in its currency; consolidated, the reporting-currency lines that Rillet's
-    consolidated reports are built from.
+    Reads the partition of ``ledger/trial_balance_reconciliation`` (Rillet's figure beside the
+    warehouse's for every account and measure): every difference must be zero. Per subsidiary
+    the lines are the subsidiary's own journal entries in its currency; consolidated, the
+    reporting-currency lines that Rillet's consolidated reports are built from.
     """
-    if key.period_start is None:
-        raise ValueError("the trial balance reconciliation needs a period start")
-    with engine.connect() as conn:
-        lines = models.ledger_lines(conn, subsidiary_key=key.subsidiary_key, through=key.period_end)
-        names = models.account_names(conn)
-    ours: dict[str, dict[str, Decimal]] = defaultdict(
-        lambda: dict.fromkeys(("beginning_balance", "debit_total", "credit_total"), ZERO)
-    )
-    for line in lines:
-        sums = ours[line.account_id or ""]
-        if line.date < key.period_start:
-            sums["beginning_balance"] += line.signed
-        elif line.side == models.DEBIT:
-            sums["debit_total"] += line.amount
-        else:
-            sums["credit_total"] += line.amount
-    for sums in ours.values():
-        sums["ending_balance"] = (
-            sums["beginning_balance"] + sums["debit_total"] - sums["credit_total"]
-        )
-    theirs: dict[str, dict[str, Decimal]] = defaultdict(dict)
-    currency = None
-    for line in store.read_lines(engine, key):
-        if line["line_type"] == "account":
-            theirs[line["account_id"]][line["measure"]] = line["amount"]
-            currency = line["currency"]
-            names.setdefault(line["account_id"], (line["account_code"], line["account_name"], None))
-    accounts = sorted(set(theirs) | {a for a, s in ours.items() if any(s.values())})
-    outcome = Outcome(checked=len(accounts))
+    rows = reconciliation.read_reconciliation(engine, key)
+    outcome = Outcome(checked=len({row["account_id"] for row in rows}))
     largest = ZERO
-    for account in accounts:
-        code, name, _ = names.get(account, (None, None, None))
-        for measure in ("beginning_balance", "debit_total", "credit_total", "ending_balance"):
-            rillet = theirs.get(account, {}).get(measure, ZERO)
-            warehouse = ours.get(account, {}).get(measure, ZERO)
-            if rillet != warehouse:
-                largest = max(largest, abs(rillet - warehouse))
-                outcome.problems.append(
-                    f"account {code} {name} ({account}): {measure} Rillet "
-                    f"{text(rillet, currency)}, warehouse ledger {text(warehouse, currency)}, "
-                    f"difference {text(warehouse - rillet)}"
-                )
+    currency = None
+    for row in rows:
+        currency = row["currency"]
+        if row["difference"] != 0:
+            largest = max(largest, abs(row["difference"]))
+            outcome.problems.append(
+                f"account {row['account_code']} {row['account_name']} ({row['account_id']}): "
+                f"{row['measure']} Rillet {text(row['rillet_amount'], currency)}, warehouse "
+                f"ledger {text(row['warehouse_amount'], currency)}, difference "
+                f"{text(row['difference'])}"
+            )
+    if not rows:
+        outcome.problems.append(
+            f"no reconciliation rows for {key.period_end} / {key.subsidiary_key}: materialize "
+            "the partition of ledger/trial_balance_reconciliation first"
+        )
     outcome.extra["largest_difference"] = text(largest, currency)
-    outcome.extra["ledger_lines"] = len(lines)
+    outcome.extra["ledger_lines"] = rows[0]["ledger_lines"] if rows else 0
     return outcome
 
 
@@ -309,18 +286,36 @@ def ending_cash_reconciles(engine: Engine, key: ReportKey) -> Outcome:
 
 @dataclass(frozen=True)
 class ReportCheck:
+    """A check of one partition of ``report``, on the report asset or on ``on`` (an asset
+    partitioned like it, such as the reconciliation of the warehouse ledger)."""
+
     report: str
     name: str
     blocking: bool
     run: Callable[[Engine, ReportKey], Outcome]
+    on: dg.AssetKey | None = None
+
+    @property
+    def asset(self) -> dg.AssetKey:
+        return self.on or report_asset_key(self.report)
 
 
 REPORT_CHECKS = (
     ReportCheck("trial_balance", "debits_equal_credits", True, debits_equal_credits),
     ReportCheck("trial_balance", "each_account_rolls_forward", True, each_account_rolls_forward),
-    ReportCheck("trial_balance", "journal_entries_balance", False, journal_entries_balance),
     ReportCheck(
-        "trial_balance", "ledger_reproduces_trial_balance", False, ledger_reproduces_trial_balance
+        "trial_balance",
+        "journal_entries_balance",
+        False,
+        journal_entries_balance,
+        on=reconciliation.reconciliation_key(),
+    ),
+    ReportCheck(
+        "trial_balance",
+        "ledger_reproduces_trial_balance",
+        False,
+        ledger_reproduces_trial_balance,
+        on=reconciliation.reconciliation_key(),
     ),
     ReportCheck(
         "balance_sheet",
@@ -353,7 +348,7 @@ def report_check(check: ReportCheck, settings: Settings) -> dg.AssetChecksDefini
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.PreviewWarning)
         return dg.asset_check(
-            asset=report_asset_key(check.report),
+            asset=check.asset,
             name=check.name,
             description=what,
             blocking=check.blocking,
@@ -554,5 +549,5 @@ def build_checks(settings: Settings) -> list[dg.AssetChecksDefinition]:
     ]
 
 
-def check_names(report: str) -> Sequence[str]:
-    return [check.name for check in REPORT_CHECKS if check.report == report]
+def check_names(asset: dg.AssetKey) -> Sequence[str]:
+    return [check.name for check in REPORT_CHECKS if check.asset == asset]

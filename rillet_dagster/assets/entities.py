@@ -15,12 +15,12 @@ from datetime import UTC, datetime, time
 import dagster as dg
 
 from rillet_dagster import catalog
+from rillet_dagster.assets.reports import keep_subsidiary_partitions
 from rillet_dagster.assets.sync import Window, asset_key, sync_entity
 from rillet_dagster.catalog import EntitySpec
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import Settings
 
-POOL = "rillet_api"
 # Bill payments have no feed of their own: they are read per changed bill, by the bill asset.
 _RIDES_WITH = {"bill_payment": "bill"}
 
@@ -88,7 +88,6 @@ def entity_asset(
         specs=_specs(spec),
         partitions_def=partitions if partitioned else None,
         backfill_policy=dg.BackfillPolicy.single_run() if partitioned else None,
-        pool=POOL,
         can_subset=False,
         retry_policy=retry_policy,
     )
@@ -118,6 +117,12 @@ def entity_asset(
                 state_url=rillet.state_url,
                 read_rillet=not config.events_only,
             )
+        if spec.name == "subsidiary":
+            # Report partitions follow the subsidiaries as soon as they are synced, so that a
+            # first sync can be followed by every subsidiary's reports at once.
+            changed = keep_subsidiary_partitions(context.instance, warehouse.engine)
+            if changed:
+                context.log.info(changed)
 
     return sync
 

@@ -14,11 +14,14 @@ at definition time to find their resources.
 """
 
 import calendar
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
 import dagster as dg
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
 
 from rillet_dagster import catalog
 from rillet_dagster.catalog import ReportSpec
@@ -26,9 +29,9 @@ from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import reports as store
 from rillet_dagster.warehouse.reports import CONSOLIDATED, ReportKey
+from rillet_dagster.warehouse.schema import table_for
 
 GROUP = "rillet_reports"
-POOL = "rillet_api"
 SUBSIDIARY_PARTITIONS_NAME = "rillet_subsidiaries"
 PERIOD = "period"
 SUBSIDIARY = "subsidiary"
@@ -47,6 +50,41 @@ MONTHLY_REPORTS = tuple(name for name in SNAPSHOT_REPORTS if name not in DAILY_R
 HISTORY_MONTHS = 12
 
 subsidiary_partitions = dg.DynamicPartitionsDefinition(name=SUBSIDIARY_PARTITIONS_NAME)
+
+
+def live_subsidiaries(engine: Engine) -> list[str]:
+    table = table_for("subsidiary")
+    with engine.connect() as conn:
+        return sorted(conn.scalars(select(table.c.id).where(table.c.deleted_at.is_(None))))
+
+
+def subsidiary_partition_changes(
+    engine: Engine, existing: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """(added, removed) that make ``rillet_subsidiaries`` the live subsidiaries + consolidated.
+
+    Before any subsidiary is synced nothing changes: ``consolidated`` alone would let the
+    period-close sensor pack a month for it and move its cursor past the real subsidiaries.
+    """
+    live = live_subsidiaries(engine)
+    if not live:
+        return [], []
+    wanted, current = {*live, CONSOLIDATED}, set(existing)
+    return sorted(wanted - current), sorted(current - wanted)
+
+
+def keep_subsidiary_partitions(instance: dg.DagsterInstance, engine: Engine) -> str | None:
+    """Bring ``rillet_subsidiaries`` in step with the warehouse now; says what changed."""
+    added, removed = subsidiary_partition_changes(
+        engine, instance.get_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME)
+    )
+    if added:
+        instance.add_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME, added)
+    for key in removed:
+        instance.delete_dynamic_partition(SUBSIDIARY_PARTITIONS_NAME, key)
+    if added or removed:
+        return f"subsidiary partitions: added {added}, removed {removed}"
+    return None
 
 
 def reports_start(settings: Settings) -> date:
@@ -164,7 +202,6 @@ def report_asset(spec: ReportSpec, partitions: dg.MultiPartitionsDefinition) -> 
         description=_description(spec),
         group_name=GROUP,
         partitions_def=partitions,
-        pool=POOL,
         kinds={"rillet", "sql"},
         tags={"rillet/report": spec.name},
         retry_policy=dg.RetryPolicy(

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta
 
 import dagster as dg
 
+from rillet_dagster.assets.reconciliation import reconciliation_key
 from rillet_dagster.assets.reports import (
     MONTHLY_REPORTS,
     SUBSIDIARY_PARTITIONS_NAME,
@@ -27,9 +28,9 @@ MONTH_END_PACK_JOB = "month_end_pack"
 daily_trial_balance_job = dg.define_asset_job(
     DAILY_TRIAL_BALANCE_JOB,
     executor_def=dg.in_process_executor,
-    selection=dg.AssetSelection.assets(report_asset_key("trial_balance")),
-    description="Snapshot the trial balance (month to date) of one day and subsidiary, with its "
-    "checks.",
+    selection=dg.AssetSelection.assets(report_asset_key("trial_balance"), reconciliation_key()),
+    description="Snapshot the trial balance (month to date) of one day and subsidiary, reconcile "
+    "it with the warehouse ledger, and run both assets' checks.",
 )
 
 month_end_pack_job = dg.define_asset_job(

@@ -4,6 +4,8 @@
   step with the synced ``subsidiaries`` table (plus ``consolidated``).
 * :func:`period_close_sensor`: when Rillet's last closed period moves forward, requests the
   month-end pack for each newly closed month and every subsidiary partition.
+* :func:`models_after_sync_sensor`: after every successful ``sync_all``, rebuilds the analyst
+  models and runs their checks.
 
 No ``from __future__ import annotations`` here: Dagster reads the sensor functions'
 annotations at definition time to find their resources.
@@ -13,13 +15,14 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
-from sqlalchemy import select
 
 from rillet_dagster.assets.reports import (
     SUBSIDIARY_PARTITIONS_NAME,
     reports_start,
+    subsidiary_partition_changes,
     subsidiary_partitions,
 )
+from rillet_dagster.automation.jobs import refresh_models, sync_all
 from rillet_dagster.automation.report_schedules import (
     month_end_pack_job,
     month_end_requests,
@@ -28,14 +31,6 @@ from rillet_dagster.automation.report_schedules import (
 )
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import Settings
-from rillet_dagster.warehouse.reports import CONSOLIDATED
-from rillet_dagster.warehouse.schema import table_for
-
-
-def live_subsidiaries(warehouse: WarehouseResource) -> list[str]:
-    table = table_for("subsidiary")
-    with warehouse.engine.connect() as conn:
-        return sorted(conn.scalars(select(table.c.id).where(table.c.deleted_at.is_(None))))
 
 
 def subsidiary_partitions_sensor() -> dg.SensorDefinition:
@@ -44,16 +39,17 @@ def subsidiary_partitions_sensor() -> dg.SensorDefinition:
         minimum_interval_seconds=300,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Keep the report partitions rillet_subsidiaries equal to the synced "
-        "subsidiaries (plus consolidated). Report rows of a removed subsidiary stay in the "
-        "warehouse.",
+        "subsidiaries (plus consolidated); the subsidiaries sync does it too, this is the "
+        "backstop. Report rows of a removed subsidiary stay in the warehouse.",
     )
     def _sensor(
         context: dg.SensorEvaluationContext, warehouse: WarehouseResource
     ) -> dg.SensorResult | dg.SkipReason:
-        wanted = {*live_subsidiaries(warehouse), CONSOLIDATED}
-        existing = set(context.instance.get_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME))
-        added, removed = sorted(wanted - existing), sorted(existing - wanted)
+        existing = context.instance.get_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME)
+        added, removed = subsidiary_partition_changes(warehouse.engine, existing)
         if not added and not removed:
+            if not existing:
+                return dg.SkipReason("no subsidiaries synced yet")
             return dg.SkipReason(f"{len(existing)} subsidiary partitions, all current")
         requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
         if added:
@@ -148,6 +144,29 @@ def _requests(
             trigger="period_close",
         )
     ]
+
+
+def models_after_sync_sensor() -> dg.SensorDefinition:
+    """Models follow the synced tables: the hourly backstop keeps them at most an hour behind
+    (webhook runs change single rows and do not rebuild them)."""
+
+    @dg.run_status_sensor(
+        name="rillet_models_after_sync",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[sync_all],
+        request_job=refresh_models,
+        minimum_interval_seconds=5,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="After every successful sync_all, rebuild the analyst models (refresh_models) "
+        "and run their checks.",
+    )
+    def _sensor(context: dg.RunStatusSensorContext) -> dg.RunRequest:
+        return dg.RunRequest(
+            run_key=f"models-after-{context.dagster_run.run_id}",
+            tags={"rillet/after_run": context.dagster_run.run_id},
+        )
+
+    return _sensor
 
 
 def build_report_sensors(settings: Settings) -> list[dg.SensorDefinition]:

@@ -1,17 +1,21 @@
-"""``rillet_webhook_sensor``: turns the webhook queue into runs of the affected entity assets.
+"""``rillet_webhook_sensor``: turns the webhook queue into runs of ``apply_webhook_events``.
 
 Pending events are found by their status, never by a cursor of the highest id seen (on
-PostgreSQL, transactions commit out of id order, so such a cursor skips events). Per entity with
-pending events the sensor requests one run of its asset for the current partition, in
-events-only mode (the bodies carry the objects: no API pass). A ``run_key`` is deduplicated by
-Dagster forever, so the key carries an age generation: events still pending after
-``stale_after_seconds`` (a failed run, a daemon that was down) get a new key and a new run.
-A run already queued for the entity is left to pick them up, so a burst makes no run storm.
+PostgreSQL, transactions commit out of id order, so such a cursor skips events). One run applies
+every entity that has pending events, in one process (the ``apply_webhook_events`` job), in
+events-only mode: the bodies carry the objects, so the run reads no list from Rillet, makes
+almost no API request and claims no pool; it neither waits behind a sync nor blocks one.
+
+Run grouping: an entity already covered by a webhook run that has not started yet is left to that
+run (it reads the queue when it starts), so a burst of events makes one queued run, not a storm;
+``dagster.yaml`` lets one webhook run execute at a time. A ``run_key`` is deduplicated by Dagster
+forever, so the key names the newest pending event (a later event makes a new key) and an age
+generation: events still pending after ``stale_after_seconds`` (a failed run, a daemon that was
+down) get a new key and so a new run.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -22,9 +26,10 @@ from rillet_dagster.resources import RilletResource
 from rillet_dagster.warehouse import state
 
 SENSOR_NAME = "rillet_webhook_sensor"
+JOB_NAME = "apply_webhook_events"
 TRIGGER_TAG = "rillet/trigger"
-ENTITY_TAG = "rillet/entity"
-# Ahead of backfills (priority 0); dagster.yaml caps concurrent webhook runs.
+ENTITIES_TAG = "rillet/entities"
+# Ahead of syncs and backfills; dagster.yaml runs one webhook run at a time.
 WEBHOOK_PRIORITY = "10"
 _WAITING = [
     dg.DagsterRunStatus.QUEUED,
@@ -33,27 +38,49 @@ _WAITING = [
 ]
 
 
-def webhook_sensor(
+def webhook_fed(
     entity_assets: Sequence[dg.AssetsDefinition],
-    *,
-    minimum_interval_seconds: int = 5,
-    stale_after_seconds: float = 180.0,
-) -> dg.SensorDefinition:
-    by_entity = {
+) -> dict[str, tuple[catalog.EntitySpec, dg.AssetsDefinition]]:
+    """Webhook entity name (``INVOICE``) -> its catalog entry and entity asset."""
+    return {
         spec.webhook_entity: (spec, asset)
         for asset in entity_assets
         for spec in [catalog.entity(asset.op.name.removeprefix("sync_"))]
         if spec.webhook_entity
     }
-    keys = [key for _, asset in by_entity.values() for key in asset.keys]
+
+
+def webhook_job(entity_assets: Sequence[dg.AssetsDefinition]) -> dg.UnresolvedAssetJobDefinition:
+    keys = [key for _, asset in webhook_fed(entity_assets).values() for key in asset.keys]
+    # In one process: each step applies a batch of bodies to the warehouse in well under a
+    # second, while a subprocess per step would spend seconds importing.
+    return dg.define_asset_job(
+        JOB_NAME,
+        selection=dg.AssetSelection.assets(*keys),
+        executor_def=dg.in_process_executor,
+        description="Apply the verified webhook events waiting in the queue to the warehouse "
+        "(events-only: no list is read from Rillet). Launched by rillet_webhook_sensor for the "
+        "entities that have pending events.",
+        tags={TRIGGER_TAG: "webhook", "dagster/priority": WEBHOOK_PRIORITY},
+    )
+
+
+def webhook_sensor(
+    entity_assets: Sequence[dg.AssetsDefinition],
+    job: dg.UnresolvedAssetJobDefinition,
+    *,
+    minimum_interval_seconds: int = 5,
+    stale_after_seconds: float = 180.0,
+) -> dg.SensorDefinition:
+    by_entity = webhook_fed(entity_assets)
 
     @dg.sensor(
         name=SENSOR_NAME,
         minimum_interval_seconds=minimum_interval_seconds,
-        target=dg.AssetSelection.assets(*keys),
+        job=job,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Requests a run of each entity asset that has verified webhook events "
-        "waiting in the queue (events-only, today's partition, ahead of backfills).",
+        description="Requests one apply_webhook_events run for the entities that have verified "
+        "webhook events waiting in the queue (events-only, today's partition, ahead of syncs).",
     )
     def rillet_webhook_sensor(
         context: dg.SensorEvaluationContext, rillet: RilletResource
@@ -65,53 +92,49 @@ def webhook_sensor(
                 summary = state.pending_summary(connection)
         finally:
             engine.dispose()
-        now = datetime.now(UTC)
-        requests: list[dg.RunRequest] = []
-        keys_by_entity: dict[str, str] = {}
-        for webhook_entity, pending in sorted(summary.items()):
-            if webhook_entity not in by_entity:
-                continue
-            spec, asset = by_entity[webhook_entity]
-            if _waiting_run(context.instance, spec.name):
-                continue
-            generation = int(
-                (now - pending.oldest_received_at).total_seconds() // stale_after_seconds
-            )
-            run_key = (
-                f"webhook:{spec.name}:{pending.oldest_received_at.isoformat()}:"
-                f"{pending.count}:{generation}"
-            )
-            keys_by_entity[spec.name] = run_key
-            partitions = asset.partitions_def
-            requests.append(
-                dg.RunRequest(
-                    run_key=run_key,
-                    asset_selection=list(asset.keys),
-                    partition_key=partitions.get_last_partition_key() if partitions else None,
-                    run_config={"ops": {asset.op.name: {"config": {"events_only": True}}}},
-                    tags={
-                        TRIGGER_TAG: "webhook",
-                        ENTITY_TAG: spec.name,
-                        "dagster/priority": WEBHOOK_PRIORITY,
-                    },
-                )
-            )
-        if not requests:
+        pending = {name: summary[name] for name in sorted(summary) if name in by_entity}
+        if not pending:
+            return dg.SensorResult(skip_reason="no webhook events waiting")
+        covered = _covered_by_waiting_runs(context.instance)
+        todo = {
+            name: waiting
+            for name, waiting in pending.items()
+            if by_entity[name][0].name not in covered
+        }
+        if not todo:
+            count = sum(p.count for p in pending.values())
             return dg.SensorResult(
-                skip_reason=f"no webhook events waiting ({sum(p.count for p in summary.values())}"
-                " pending, each already has a queued run)"
-                if summary
-                else "no webhook events waiting",
-                cursor=context.cursor,
+                skip_reason=f"{count} webhook events waiting; a queued run will apply them"
             )
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(keys_by_entity))
+        now = datetime.now(UTC)
+        oldest = min(p.oldest_received_at for p in todo.values())
+        newest = max(p.newest_received_at for p in todo.values())
+        generation = int((now - oldest).total_seconds() // stale_after_seconds)
+        names = [by_entity[name][0].name for name in todo]
+        assets = [by_entity[name][1] for name in todo]
+        partitioned = next((a.partitions_def for a in assets if a.partitions_def), None)
+        request = dg.RunRequest(
+            run_key=f"webhook:{','.join(names)}:{newest.isoformat()}:{generation}",
+            asset_selection=[key for asset in assets for key in asset.keys],
+            partition_key=partitioned.get_last_partition_key() if partitioned else None,
+            run_config={
+                "ops": {asset.op.name: {"config": {"events_only": True}} for asset in assets}
+            },
+            tags={ENTITIES_TAG: ",".join(names)},
+        )
+        return dg.SensorResult(run_requests=[request])
 
     return rillet_webhook_sensor
 
 
-def _waiting_run(instance: dg.DagsterInstance, entity: str) -> bool:
-    runs = instance.get_run_records(
-        filters=dg.RunsFilter(statuses=_WAITING, tags={TRIGGER_TAG: "webhook", ENTITY_TAG: entity}),
-        limit=1,
+def _covered_by_waiting_runs(instance: dg.DagsterInstance) -> set[str]:
+    """Entities that a webhook run not yet started will apply when it starts."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=_WAITING, tags={TRIGGER_TAG: "webhook"}), limit=50
     )
-    return bool(runs)
+    return {
+        name
+        for record in records
+        for name in record.dagster_run.tags.get(ENTITIES_TAG, "").split(",")
+        if name
+    }

@@ -498,15 +498,26 @@ class Sandbox:
         return JSONResponse([vars(r) for r in records])
 
     async def _admin_records(self, request: Request) -> Response:
-        """Ground truth for tests and demos: every live record of an entity, newest first."""
-        entity = request.path_params["entity"]
+        """Ground truth for tests and demos: every live record of an entity, newest first.
+
+        ``entity`` is a catalog name (``invoice``) or its warehouse table name (``invoices``).
+        """
         store = self.world.store
+        entity = _ENTITY_BY_TABLE.get(request.path_params["entity"], request.path_params["entity"])
         if entity not in store.collections:
-            return problem(404, f"Unknown entity {entity!r}.")
+            known = ", ".join(sorted(_ENTITY_BY_TABLE))
+            return problem(
+                404,
+                f"Unknown entity {request.path_params['entity']!r}; use a table name ({known}) "
+                "or its singular catalog name.",
+            )
         with store.lock:
             collection = store[entity]
             parts = [collection.record_json(seq) for seq in collection.live_seqs()]
         return Response(b"[" + b",".join(parts) + b"]", media_type=JSON)
+
+
+_ENTITY_BY_TABLE = {catalog.plural(spec.name): spec.name for spec in catalog.ENTITIES}
 
 
 def _key_label(key: str) -> str:

@@ -130,13 +130,7 @@ def currency_column(path: str) -> str:
 def table_name(name: str) -> str:
     """Plural snake case: ``invoice`` -> ``invoices``, ``journal_entry`` -> ``journal_entries``."""
     _checked(name, "entity name")
-    if name.endswith("y") and name[-2:-1] not in ("a", "e", "i", "o", "u"):
-        plural = name[:-1] + "ies"
-    elif name.endswith(("s", "x", "z", "ch", "sh")):
-        plural = name + "es"
-    else:
-        plural = name + "s"
-    return _checked(plural, "table name")
+    return _checked(catalog.plural(name), "table name")
 
 
 def _checked(identifier: str, what: str) -> str:

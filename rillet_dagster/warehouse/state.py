@@ -92,6 +92,7 @@ class QueuedEvent:
 class PendingSummary:
     count: int
     oldest_received_at: datetime
+    newest_received_at: datetime
 
 
 def canonical_name(value: str) -> str:
@@ -317,26 +318,30 @@ def record_failure(connection: Connection, ids: Iterable[str], error: str) -> in
 
 
 def pending_summary(connection: Connection) -> dict[str, PendingSummary]:
-    """Per canonical webhook entity: how many events are pending and the oldest one's arrival."""
+    """Per canonical webhook entity: how many events are pending, the oldest and newest arrival."""
     rows = connection.execute(
         select(
             webhook_events.c.entity,
             func.count().label("count"),
             func.min(webhook_events.c.received_at).label("oldest"),
+            func.max(webhook_events.c.received_at).label("newest"),
         )
         .where(webhook_events.c.status == "pending")
         .group_by(webhook_events.c.entity)
     )
-    out = {}
-    for row in rows:
-        oldest = row.oldest
-        # min() over a TypeDecorator column comes back raw on SQLite (ISO text).
-        if isinstance(oldest, str):
-            oldest = datetime.fromisoformat(oldest)
-        if oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=UTC)
-        out[row.entity] = PendingSummary(int(row.count), oldest.astimezone(UTC))
-    return out
+    return {
+        row.entity: PendingSummary(int(row.count), _utc(row.oldest), _utc(row.newest))
+        for row in rows
+    }
+
+
+def _utc(moment: datetime | str) -> datetime:
+    # min() and max() over a TypeDecorator column come back raw on SQLite (ISO text).
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def queue_counters(connection: Connection) -> dict[str, int]:

@@ -180,9 +180,9 @@ def test_the_month_end_run_materializes_every_statement_of_the_closed_month(
 
 def test_every_check_passes_on_simulator_data(synced: Synced) -> None:
     ran = {(e.asset_key.to_user_string(), e.check_name) for e in synced.evaluations}
-    expected = {
-        (report_asset_key(c.report).to_user_string(), c.name) for c in checks.REPORT_CHECKS
-    } | {(models.model_key(c.model).to_user_string(), c.name) for c in checks.MODEL_CHECKS}
+    expected = {(c.asset.to_user_string(), c.name) for c in checks.REPORT_CHECKS} | {
+        (models.model_key(c.model).to_user_string(), c.name) for c in checks.MODEL_CHECKS
+    }
     expected.add((models.model_key("general_ledger").to_user_string(), "raw_entities_are_fresh"))
     assert ran == expected
     failed = [(e.check_name, e.description) for e in synced.evaluations if not e.passed]

@@ -110,9 +110,11 @@ def test_pending_oldest_first_by_entity_then_applied(engine: Engine) -> None:
         assert [e.id for e in pending_events(connection, "credit-memo")] == [event(2).id]
         assert len(pending_events(connection, limit=1)) == 1
         summary = pending_summary(connection)
-    assert {k: (v.count, v.oldest_received_at) for k, v in summary.items()} == {
-        "INVOICE": (2, T0 + timedelta(minutes=1)),
-        "CREDIT_MEMO": (1, T0 + timedelta(minutes=2)),
+    assert {
+        k: (v.count, v.oldest_received_at, v.newest_received_at) for k, v in summary.items()
+    } == {
+        "INVOICE": (2, T0 + timedelta(minutes=1), T0 + timedelta(minutes=3)),
+        "CREDIT_MEMO": (1, T0 + timedelta(minutes=2), T0 + timedelta(minutes=2)),
     }
     with engine.begin() as connection:
         assert record_failure(connection, [event(1).id], "run failed") == 1
