@@ -7,6 +7,7 @@ import sys
 from bench import (
     client_bench,
     code_location_bench,
+    dev_ready_bench,
     ratelimit_bench,
     receiver_bench,
     sandbox_bench,
@@ -24,6 +25,7 @@ BENCHMARKS = {
     "receiver": receiver_bench.main,
     "webhook-latency": webhook_latency_bench.main,
     "code-location": code_location_bench.main,
+    "dev-ready": dev_ready_bench.main,
 }
 
 

@@ -18,12 +18,6 @@ from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import API_KEY_VAR, Settings
 
 
-def console_logger(level: str) -> dg.LoggerDefinition:
-    """Runs print INFO and above to their console (Dagster's default is every DEBUG event); the
-    UI keeps every event whatever this says. ``RILLET_LOG_LEVEL`` changes it."""
-    return dg.colored_console_logger.configured({"log_level": level, "name": "dagster"})
-
-
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     partitions = daily_partitions(settings)
@@ -44,7 +38,6 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             webhook_sensor(entity_assets, apply_events),
             models_after_sync_sensor(),
         ],
-        loggers={"console": console_logger(settings.log_level)},
         resources={
             "rillet": RilletResource(
                 base_url=settings.base_url,

@@ -172,7 +172,6 @@ def run_dev(
         RILLET_STATE_URL=f"sqlite:///{home / 'state.db'}",
         PYTHONUNBUFFERED="1",
     )
-    env.setdefault("RILLET_LOG_LEVEL", "INFO")
     first_day = datetime.now(UTC).date() - timedelta(days=DEV_HISTORY_DAYS)
     env.setdefault("RILLET_START_DATE", first_day.isoformat())
     os.environ.update({key: env[key] for key in ENV_KEYS})
@@ -193,7 +192,9 @@ def run_dev(
     bin_dir = Path(sys.executable).parent
     children: list[Child] = []
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl+C and SIGTERM both stop the stack cleanly, also when this process was started with
+    # SIGINT ignored (a background job of a non-interactive shell).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         children.append(
             Child(
@@ -255,12 +256,16 @@ def run_dev(
         return 0
     finally:
         stop.set()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         with _ignoring_interrupts():
             for child in reversed(children):
                 child.stop(signal.SIGINT if child.name == "dagster dev" else signal.SIGTERM)
             mover.stop()
             server.stop()
+            # The settings describe this stack; once it is gone they would only mislead.
+            if env_file.exists() and f"RILLET_WEBHOOK_SECRETS={token}" in env_file.read_text():
+                env_file.unlink()
         say("stopped")
 
 

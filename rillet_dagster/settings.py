@@ -30,8 +30,6 @@ STATE_URL_VAR = "RILLET_STATE_URL"
 WEBHOOK_SECRETS_VAR = "RILLET_WEBHOOK_SECRETS"
 RATE_LIMIT_VAR = "RILLET_RATE_LIMIT"
 START_DATE_VAR = "RILLET_START_DATE"
-LOG_LEVEL_VAR = "RILLET_LOG_LEVEL"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _RATE_LIMIT = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+(?:\.\d+)?)\s*s?\s*$")
 
@@ -113,7 +111,6 @@ class Settings:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     start_date: date = date(2026, 11, 1)
     has_api_key: bool = False
-    log_level: str = "INFO"
     webhook_secret_count: int = 0
     # The receiver needs the tokens themselves; repr=False keeps them out of logs and errors.
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -132,12 +129,6 @@ class Settings:
                 f"{START_DATE_VAR}={start_text!r} is not a date; write it as YYYY-MM-DD"
             ) from None
         secrets = parse_webhook_secrets(env.get(WEBHOOK_SECRETS_VAR, ""))
-        log_level = env.get(LOG_LEVEL_VAR, "INFO").strip().upper()
-        if log_level not in LOG_LEVELS:
-            raise SettingsError(
-                f"{LOG_LEVEL_VAR}={env[LOG_LEVEL_VAR]!r} is not a log level; use one of "
-                f"{', '.join(LOG_LEVELS)}"
-            )
         return cls(
             base_url=resolve_base_url(env.get(BASE_URL_VAR, "sandbox")),
             api_version=parse_api_version(env.get(API_VERSION_VAR, str(DEFAULT_API_VERSION))),
@@ -146,7 +137,6 @@ class Settings:
             rate_limit=RateLimit.parse(env.get(RATE_LIMIT_VAR, "60/60")),
             start_date=start,
             has_api_key=bool(env.get(API_KEY_VAR, "").strip()),
-            log_level=log_level,
             webhook_secret_count=len(secrets),
             webhook_secrets=secrets,
         )

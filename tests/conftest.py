@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,9 +11,25 @@ import pytest
 
 from rillet_dagster.clock import FakeClock
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from tests.dev_stack import DevStack, running_dev
 
 API_KEY = "test-key-0123456789"
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "X-Rillet-API-Version": "4"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The test that stops the session's ``rillet-dagster dev`` runs after all its other users."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_dev_stack") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run from an empty folder: Dagster's CLI loads ``.env`` from its working folder, and a
+    checkout where ``rillet-dagster dev`` runs (or ran) has one pointing at that stack."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
 
 
 @pytest.fixture
@@ -48,3 +65,11 @@ def sandbox(start_sandbox: Callable[..., SandboxServer]) -> SandboxServer:
 def api(sandbox: SandboxServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=sandbox.base_url, headers=HEADERS, timeout=10) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """One real ``rillet-dagster dev`` for the session, after its first run said "ready"."""
+    with running_dev(tmp_path_factory.mktemp("dev")) as stack:
+        stack.wait_ready()
+        yield stack

@@ -67,7 +67,7 @@ def webhook_job(entity_assets: Sequence[dg.AssetsDefinition]) -> dg.UnresolvedAs
 
 def webhook_sensor(
     entity_assets: Sequence[dg.AssetsDefinition],
-    job: dg.UnresolvedAssetJobDefinition,
+    job: dg.UnresolvedAssetJobDefinition | None = None,
     *,
     minimum_interval_seconds: int = 5,
     stale_after_seconds: float = 180.0,
@@ -77,7 +77,7 @@ def webhook_sensor(
     @dg.sensor(
         name=SENSOR_NAME,
         minimum_interval_seconds=minimum_interval_seconds,
-        job=job,
+        job=job or webhook_job(entity_assets),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Requests one apply_webhook_events run for the entities that have verified "
         "webhook events waiting in the queue (events-only, today's partition, ahead of syncs).",

@@ -162,7 +162,7 @@ def test_report_assets_are_partitioned_by_period_and_subsidiary() -> None:
         }
         # The UI lists these under the asset's Checks tab, per partition.
         assert checks >= {
-            "trial_balance": {"debits_equal_credits", "ledger_reproduces_trial_balance"},
+            "trial_balance": {"debits_equal_credits", "each_account_rolls_forward"},
             "balance_sheet": {"assets_equal_liabilities_plus_equity", "totals_add_up"},
             "cash_flow_statement": {"totals_add_up", "ending_cash_reconciles"},
         }.get(name, {"totals_add_up"})

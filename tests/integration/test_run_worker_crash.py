@@ -101,7 +101,7 @@ def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
     daemon = subprocess.Popen(
         [str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
         env=env,
-        cwd=ROOT,
+        cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -123,7 +123,7 @@ def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
                 json.dumps(tags),
             ],
             env=env,
-            cwd=ROOT,
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=120,

@@ -20,7 +20,7 @@ from rillet_dagster import catalog
 from rillet_dagster.assets import events as events_module
 from rillet_dagster.assets.entities import build_entity_assets
 from rillet_dagster.assets.sync import Window, sync_entity
-from rillet_dagster.automation.webhook_sensor import webhook_sensor
+from rillet_dagster.automation.webhook_sensor import ENTITIES_TAG, webhook_job, webhook_sensor
 from rillet_dagster.clock import isoformat_z
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.rillet.client import RilletClient
@@ -260,48 +260,56 @@ def evaluate(sensor: dg.SensorDefinition, instance: Any, resources: Any, cursor:
         return sensor(context)
 
 
-def test_the_sensor_requests_one_events_only_run_per_entity_and_the_run_applies_them(
+def test_the_sensor_requests_one_events_only_run_for_every_pending_entity(
     server: SandboxServer, urls: dict[str, str]
 ) -> None:
     assets, resources = definitions_for(server, urls)
-    sensor = webhook_sensor(assets)
+    job = webhook_job(assets)
+    sensor = webhook_sensor(assets, job)
     customer, invoice = truth(server, "customer")[0], truth(server, "invoice")[0]
     now = stamp(datetime.now(UTC))
     queue(urls["state"], "CUSTOMER", "UPDATED", {**customer, "name": "Live", "updated_at": now})
     queue(urls["state"], "INVOICE", "UPDATED", {**invoice, "memo": "live", "updated_at": now})
     queue(urls["state"], "INVOICE", "CREATED", {**invoice, "memo": "live", "updated_at": now})
+    assert job.tags["rillet/trigger"] == "webhook"
+    assert int(job.tags["dagster/priority"]) > 0
     with dg.DagsterInstance.ephemeral() as instance:
         result = evaluate(sensor, instance, resources)
-        requests = {r.tags["rillet/entity"]: r for r in result.run_requests}
-        assert set(requests) == {"customer", "invoice"}
-        for entity, request in requests.items():
-            assert request.tags["rillet/trigger"] == "webhook"
-            assert int(request.tags["dagster/priority"]) > 0
-            assert request.run_config == {
-                "ops": {f"sync_{entity}": {"config": {"events_only": True}}}
+        assert len(result.run_requests) == 1  # one run, however many entities
+        request = result.run_requests[0]
+        assert request.tags[ENTITIES_TAG] == "customer,invoice"
+        assert request.run_config == {
+            "ops": {
+                f"sync_{entity}": {"config": {"events_only": True}}
+                for entity in ("customer", "invoice")
             }
-        assert requests["invoice"].partition_key == datetime.now(UTC).date().isoformat()
+        }
+        assert request.partition_key == datetime.now(UTC).date().isoformat()
         again = evaluate(sensor, instance, resources)
-        assert [r.run_key for r in again.run_requests] == [
-            r.run_key for r in result.run_requests
-        ]  # Q1: a re-tick asks for the same keys, which Dagster runs once
-        chosen = [a for a in assets if a.op.name == "sync_invoice"]
-        request = requests["invoice"]
+        # Q1: a re-tick asks for the same key, which Dagster runs once.
+        assert [r.run_key for r in again.run_requests] == [request.run_key]
+        chosen = [a for a in assets if a.op.name in request.run_config["ops"]]
         run = dg.materialize(
             chosen,
             resources=resources,
             instance=instance,
             partition_key=request.partition_key,
             run_config=request.run_config,
-            tags=request.tags,
+            tags={**job.tags, **request.tags},
         )
         assert run.success
         metadata = run.asset_materializations_for_node("sync_invoice")[0].metadata
         assert metadata["webhook_events_applied"].value == 2
         assert metadata["api_requests"].value == 0
         after = evaluate(sensor, instance, resources)
-        assert {r.tags["rillet/entity"] for r in after.run_requests} == {"customer"}
+        assert after.run_requests == []
+        # An event arriving later makes a new key: a new run, not a rerun of the old key.
+        queue(urls["state"], "CUSTOMER", "UPDATED", {**customer, "name": "Later"})
+        later = evaluate(sensor, instance, resources)
+        assert [r.tags[ENTITIES_TAG] for r in later.run_requests] == ["customer"]
+        assert later.run_requests[0].run_key != request.run_key
     assert warehouse_rows(urls, "invoice")[invoice["id"]]["memo"] == "live"
+    assert warehouse_rows(urls, "customer")[customer["id"]]["name"] == "Live"
 
 
 def test_events_left_pending_are_requested_again_under_a_new_key(
@@ -325,10 +333,16 @@ def test_a_queued_webhook_run_is_not_requested_twice(
         instance.create_run_for_job(
             dg.GraphDefinition("queued").to_job(),
             status=dg.DagsterRunStatus.NOT_STARTED,  # waiting to start, like a queued run
-            tags={"rillet/trigger": "webhook", "rillet/entity": "customer"},
+            tags={"rillet/trigger": "webhook", ENTITIES_TAG: "customer"},
         )
         result = evaluate(webhook_sensor(assets), instance, resources)
-    assert result.run_requests == [] and "already has a queued run" in str(result.skip_reason)
+        assert result.run_requests == [] and "a queued run will apply them" in str(
+            result.skip_reason
+        )
+        # An entity the queued run does not cover gets a run of its own.
+        queue(urls["state"], "INVOICE", "UPDATED", truth(server, "invoice")[0])
+        other = evaluate(webhook_sensor(assets), instance, resources)
+    assert [r.tags[ENTITIES_TAG] for r in other.run_requests] == ["invoice"]
 
 
 def test_d3_a_failing_evaluation_requests_nothing_and_keeps_the_cursor(
@@ -386,9 +400,9 @@ def test_q4_a_backlog_drains_in_one_run_per_entity(
     messages: list[str] = []
     with dg.DagsterInstance.ephemeral() as instance:
         result = evaluate(webhook_sensor(assets), instance, resources)
-        assert len(result.run_requests) <= -(-5000 // events_module.BATCH_SIZE)
+        assert len(result.run_requests) == 1  # one run drains every entity: no run storm
         for request in result.run_requests:
-            chosen = [a for a in assets if a.op.name == f"sync_{request.tags['rillet/entity']}"]
+            chosen = [a for a in assets if a.op.name in request.run_config["ops"]]
             run = dg.materialize(
                 chosen,
                 resources=resources,
@@ -399,7 +413,6 @@ def test_q4_a_backlog_drains_in_one_run_per_entity(
             )
             assert run.success
             messages += [entry.message for entry in instance.all_logs(run.run_id)]
-    assert len(result.run_requests) == 2
     assert statuses(urls["state"])["pending"] == 0
     assert statuses(urls["state"])["applied"] == 5000
     drained = [m for m in messages if "applied 500 webhook events" in m]

@@ -124,19 +124,19 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
         assert delivered >= 12
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
             result = webhook_sensor(assets)(context)
-        requests = {r.tags["rillet/entity"]: r for r in result.run_requests}
-        assert set(ENTITIES) <= set(requests)
+        assert len(result.run_requests) == 1  # every entity with events, in one run
+        request = result.run_requests[0]
+        assert set(ENTITIES) <= set(request.tags["rillet/entities"].split(","))
+        run = dg.materialize(
+            [a for a in assets if a.op.name in request.run_config["ops"]],
+            resources=resources,
+            instance=instance,
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            tags=request.tags,
+        )
+        assert run.success
         for name in ENTITIES:
-            request = requests[name]
-            run = dg.materialize(
-                [chosen[name]],
-                resources=resources,
-                instance=instance,
-                partition_key=request.partition_key,
-                run_config=request.run_config,
-                tags=request.tags,
-            )
-            assert run.success
             metadata = run.asset_materializations_for_node(f"sync_{name}")[0].metadata
             assert metadata["webhook_events_applied"].value > 0
             assert metadata["api_requests"].value == 0  # every body carried the object

@@ -1,0 +1,163 @@
+"""A ``dagster job execute`` run SIGKILLed mid-step blocks nothing: the rerun with the same
+instance starts its steps at once and succeeds, and the warehouse ends equal to the sandbox.
+
+Before (a one-slot ``rillet_api`` pool), the killed run kept its slot, because only the daemon's
+run monitoring frees the slots of runs it sees end, and a killed CLI run never ends: the rerun
+logged "blocked by limit for pool rillet_api" for every step and waited 11+ minutes. Now no step
+claims a pool; what a killed process may still hold is its in-flight slots of the rate budget,
+which age out after the request timeout (30 s, README "Operating": the documented bound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import pytest
+
+from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from rillet_dagster.warehouse.load import read_records
+from rillet_dagster.warehouse.schema import make_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "cli-kill-key-0123456789"
+TODAY = datetime.now(UTC).date()
+START = (TODAY - timedelta(days=1)).isoformat()
+CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
+# The rerun's first step must start within this many seconds of the command: the process
+# start-up and code load (a few seconds, more on a loaded machine), and no wait for a slot.
+STEP_START_BOUND = 45
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture
+def server() -> Iterator[SandboxServer]:
+    options = SandboxOptions(size="tiny", api_keys=(KEY,), rate_limit=1_000_000)
+    started = SandboxServer(build_sandbox(options)).start()
+    yield started
+    started.stop()
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def execute(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    tags = {
+        "dagster/asset_partition_range_start": START,
+        "dagster/asset_partition_range_end": TODAY.isoformat(),
+    }
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "job",
+            "execute",
+            "-m",
+            "rillet_dagster.definitions",
+            "-j",
+            "sync_all",
+            "--tags",
+            json.dumps(tags),
+        ],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def first_step_start(instance: dg.DagsterInstance, run_id: str) -> float | None:
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.STEP_START, limit=1
+    ).records
+    return records[0].timestamp if records else None
+
+
+def test_a_sigkilled_cli_run_does_not_block_its_rerun(
+    server: SandboxServer, tmp_path: Path
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(home)):
+        pass  # tables created once, before two processes race for them
+    warehouse_url = f"sqlite:///{tmp_path}/warehouse.db"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RILLET_", "DAGSTER_"))},
+        "DAGSTER_HOME": str(home),
+        "RILLET_BASE_URL": server.base_url,
+        "RILLET_API_KEY": KEY,
+        "RILLET_WAREHOUSE_URL": warehouse_url,
+        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
+        "RILLET_RATE_LIMIT": "1000000/60",
+        "RILLET_START_DATE": START,
+    }
+    # Slow responses keep the first run busy long enough to be killed in a step.
+    httpx.put(
+        f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
+    )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        first = execute(env, tmp_path)
+        run = wait_for(lambda: instance.get_runs(limit=1), 120, "the first run")[0]
+        wait_for(
+            lambda: (
+                instance.get_records_for_run(
+                    run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=1
+                ).records
+            ),
+            120,
+            "a first materialization",
+        )
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        killed = instance.get_run_by_id(run.run_id)
+        assert killed is not None and killed.status == dg.DagsterRunStatus.STARTED
+        httpx.put(
+            f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 0, "latency_max_ms": 0}
+        )
+        launched = time.time()
+        rerun_process = execute(env, tmp_path)
+        rerun = wait_for(
+            lambda: [r for r in instance.get_runs(limit=2) if r.run_id != run.run_id],
+            120,
+            "the rerun",
+        )[0]
+        started = wait_for(
+            lambda: first_step_start(instance, rerun.run_id), STEP_START_BOUND, "a rerun step"
+        )
+        assert started - launched <= STEP_START_BOUND
+        assert rerun_process.wait(timeout=300) == 0
+        final = instance.get_run_by_id(rerun.run_id)
+        assert final is not None and final.status == dg.DagsterRunStatus.SUCCESS
+        blocked = [
+            entry.message
+            for entry in instance.all_logs(rerun.run_id)
+            if "blocked" in (entry.message or "").lower() or "pool" in (entry.message or "")
+        ]
+        assert blocked == []
+    engine = make_engine(warehouse_url)
+    try:
+        for entity in CHECKED:
+            with server.sandbox.world.store.lock:
+                expected = {r["id"]: r for r in server.sandbox.world.store[entity].all_records()}
+            assert {r["id"]: r for r in read_records(engine, entity)} == expected, entity
+    finally:
+        engine.dispose()
