@@ -32,6 +32,8 @@ GOAL_SECONDS = 180
 
 def _warehouse_matches(stack: DevStack, engine: Engine) -> bool:
     for spec in catalog.ENTITIES:
+        if spec.single:  # the organization and the last closed period: not lists
+            continue
         table = table_for(spec.name)
         answer = httpx.get(
             f"{stack.sandbox_url}/_sandbox/records/{table_name(spec.name)}", timeout=30

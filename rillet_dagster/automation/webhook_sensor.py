@@ -6,7 +6,8 @@ every entity that has pending events, in one process (the ``apply_webhook_events
 events-only mode: the bodies carry the objects, so the run reads no list from Rillet, makes
 almost no API request and claims no pool; it neither waits behind a sync nor blocks one.
 
-Run grouping: an entity already covered by a webhook run that has not started yet is left to that
+Run grouping: events are gathered for ``gather_seconds`` before a run is requested; an entity
+already covered by a webhook run that has not started yet is left to that
 run (it reads the queue when it starts), so a burst of events makes one queued run, not a storm;
 ``dagster.yaml`` lets one webhook run execute at a time. A ``run_key`` is deduplicated by Dagster
 forever, so the key names the newest pending event (a later event makes a new key) and an age
@@ -31,6 +32,11 @@ TRIGGER_TAG = "rillet/trigger"
 ENTITIES_TAG = "rillet/entities"
 # Ahead of syncs and backfills; dagster.yaml runs one webhook run at a time.
 WEBHOOK_PRIORITY = "10"
+# A run is requested once the oldest pending event has waited this long (or this many events
+# wait): each run costs a process start (seconds of CPU), so a steady stream is applied by a run
+# every ~15 s rather than back to back, still well inside the 30 s that a change may take.
+GATHER_SECONDS = 10.0
+GATHER_EVENTS = 500
 _WAITING = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -71,6 +77,7 @@ def webhook_sensor(
     *,
     minimum_interval_seconds: int = 5,
     stale_after_seconds: float = 180.0,
+    gather_seconds: float = GATHER_SECONDS,
 ) -> dg.SensorDefinition:
     by_entity = webhook_fed(entity_assets)
 
@@ -95,6 +102,14 @@ def webhook_sensor(
         pending = {name: summary[name] for name in sorted(summary) if name in by_entity}
         if not pending:
             return dg.SensorResult(skip_reason="no webhook events waiting")
+        now = datetime.now(UTC)
+        oldest = min(p.oldest_received_at for p in pending.values())
+        waited = (now - oldest).total_seconds()
+        if waited < gather_seconds and sum(p.count for p in pending.values()) < GATHER_EVENTS:
+            return dg.SensorResult(
+                skip_reason=f"gathering webhook events: the oldest has waited {waited:.0f} s "
+                f"of {gather_seconds:g}"
+            )
         covered = _covered_by_waiting_runs(context.instance)
         todo = {
             name: waiting
@@ -106,7 +121,6 @@ def webhook_sensor(
             return dg.SensorResult(
                 skip_reason=f"{count} webhook events waiting; a queued run will apply them"
             )
-        now = datetime.now(UTC)
         oldest = min(p.oldest_received_at for p in todo.values())
         newest = max(p.newest_received_at for p in todo.values())
         generation = int((now - oldest).total_seconds() // stale_after_seconds)

@@ -36,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 # Entities whose sandbox collection the live activity never touches while we compare.
-STILL = [spec.name for spec in catalog.ENTITIES if spec.name not in {"customer", "invoice"}]
+# (Singletons, the organization and the last closed period, are not lists of records.)
+STILL = [
+    spec.name
+    for spec in catalog.ENTITIES
+    if spec.name not in {"customer", "invoice"} and not spec.single
+]
 
 
 def test_the_first_run_ends_ready_with_every_check_passed(dev_stack: DevStack) -> None:

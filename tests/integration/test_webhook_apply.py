@@ -20,6 +20,7 @@ from rillet_dagster import catalog
 from rillet_dagster.assets import events as events_module
 from rillet_dagster.assets.entities import build_entity_assets
 from rillet_dagster.assets.sync import Window, sync_entity
+from rillet_dagster.automation import webhook_sensor as webhook_sensor_module
 from rillet_dagster.automation.webhook_sensor import ENTITIES_TAG, webhook_job, webhook_sensor
 from rillet_dagster.clock import isoformat_z
 from rillet_dagster.resources import RilletResource, WarehouseResource
@@ -265,7 +266,7 @@ def test_the_sensor_requests_one_events_only_run_for_every_pending_entity(
 ) -> None:
     assets, resources = definitions_for(server, urls)
     job = webhook_job(assets)
-    sensor = webhook_sensor(assets, job)
+    sensor = webhook_sensor(assets, job, gather_seconds=0)
     customer, invoice = truth(server, "customer")[0], truth(server, "invoice")[0]
     now = stamp(datetime.now(UTC))
     queue(urls["state"], "CUSTOMER", "UPDATED", {**customer, "name": "Live", "updated_at": now})
@@ -312,6 +313,22 @@ def test_the_sensor_requests_one_events_only_run_for_every_pending_entity(
     assert warehouse_rows(urls, "customer")[customer["id"]]["name"] == "Live"
 
 
+def test_events_are_gathered_before_a_run_is_requested(
+    server: SandboxServer, urls: dict[str, str]
+) -> None:
+    """A run costs a process start: a fresh event waits for company (a run every ~15 s under a
+    steady stream), unless enough events wait already."""
+    assets, resources = definitions_for(server, urls)
+    queue(urls["state"], "CUSTOMER", "UPDATED", truth(server, "customer")[0])
+    with dg.DagsterInstance.ephemeral() as instance:
+        gathering = evaluate(webhook_sensor(assets, gather_seconds=3600), instance, resources)
+        assert gathering.run_requests == []
+        assert "gathering webhook events" in str(gathering.skip_reason)
+        ripe = evaluate(webhook_sensor(assets, gather_seconds=0), instance, resources)
+        assert len(ripe.run_requests) == 1
+    assert webhook_sensor_module.GATHER_SECONDS + 5 + 10 < 30  # wait + tick + start < the goal
+
+
 def test_events_left_pending_are_requested_again_under_a_new_key(
     server: SandboxServer, urls: dict[str, str]
 ) -> None:
@@ -319,8 +336,12 @@ def test_events_left_pending_are_requested_again_under_a_new_key(
     customer = truth(server, "customer")[0]
     queue(urls["state"], "CUSTOMER", "UPDATED", customer)
     with dg.DagsterInstance.ephemeral() as instance:
-        fresh = evaluate(webhook_sensor(assets, stale_after_seconds=3600), instance, resources)
-        stale = evaluate(webhook_sensor(assets, stale_after_seconds=1e-3), instance, resources)
+        fresh = evaluate(
+            webhook_sensor(assets, gather_seconds=0, stale_after_seconds=3600), instance, resources
+        )
+        stale = evaluate(
+            webhook_sensor(assets, gather_seconds=0, stale_after_seconds=1e-3), instance, resources
+        )
     assert fresh.run_requests[0].run_key != stale.run_requests[0].run_key
 
 
@@ -335,13 +356,13 @@ def test_a_queued_webhook_run_is_not_requested_twice(
             status=dg.DagsterRunStatus.NOT_STARTED,  # waiting to start, like a queued run
             tags={"rillet/trigger": "webhook", ENTITIES_TAG: "customer"},
         )
-        result = evaluate(webhook_sensor(assets), instance, resources)
+        result = evaluate(webhook_sensor(assets, gather_seconds=0), instance, resources)
         assert result.run_requests == [] and "a queued run will apply them" in str(
             result.skip_reason
         )
         # An entity the queued run does not cover gets a run of its own.
         queue(urls["state"], "INVOICE", "UPDATED", truth(server, "invoice")[0])
-        other = evaluate(webhook_sensor(assets), instance, resources)
+        other = evaluate(webhook_sensor(assets, gather_seconds=0), instance, resources)
     assert [r.tags[ENTITIES_TAG] for r in other.run_requests] == ["invoice"]
 
 
@@ -349,7 +370,7 @@ def test_d3_a_failing_evaluation_requests_nothing_and_keeps_the_cursor(
     server: SandboxServer, urls: dict[str, str], tmp_path: Path
 ) -> None:
     assets, resources = definitions_for(server, urls)
-    sensor = webhook_sensor(assets)
+    sensor = webhook_sensor(assets, gather_seconds=0)
     queue(urls["state"], "CUSTOMER", "UPDATED", truth(server, "customer")[0])
     broken = {
         **resources,
@@ -399,7 +420,7 @@ def test_q4_a_backlog_drains_in_one_run_per_entity(
     engine.dispose()
     messages: list[str] = []
     with dg.DagsterInstance.ephemeral() as instance:
-        result = evaluate(webhook_sensor(assets), instance, resources)
+        result = evaluate(webhook_sensor(assets, gather_seconds=0), instance, resources)
         assert len(result.run_requests) == 1  # one run drains every entity: no run storm
         for request in result.run_requests:
             chosen = [a for a in assets if a.op.name in request.run_config["ops"]]

@@ -123,7 +123,7 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
         delivered = wait_for_deliveries(server, state_url)
         assert delivered >= 12
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
-            result = webhook_sensor(assets)(context)
+            result = webhook_sensor(assets, gather_seconds=0)(context)
         assert len(result.run_requests) == 1  # every entity with events, in one run
         request = result.run_requests[0]
         assert set(ENTITIES) <= set(request.tags["rillet/entities"].split(","))
