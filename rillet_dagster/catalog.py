@@ -97,6 +97,9 @@ class EntitySpec:
         children: nested arrays that become child tables.
         webhook_entity: value of ``X-Rillet-Entity`` for this entity, if webhook-fed.
         webhook_events: the events Rillet sends for it.
+        read_on_webhooks_of: for an entity Rillet sends no webhooks of its own, the webhook
+            entity whose events say it changed (``INVOICE``'s ``PAYMENT_UPDATED`` for invoice
+            payments): a webhook run of that entity also reads this one incrementally.
         writes: HTTP methods the sandbox (and the client) support on it.
         parent: entity whose id appears in ``path`` (bill payments live under bills).
         get_by_id: ``GET {path}/{id}`` exists.
@@ -121,6 +124,7 @@ class EntitySpec:
     children: tuple[ChildSpec, ...] = ()
     webhook_entity: str | None = None
     webhook_events: tuple[WebhookEvent, ...] = ()
+    read_on_webhooks_of: str | None = None
     writes: frozenset[str] = frozenset()
     parent: str | None = None
     get_by_id: bool = True
@@ -346,6 +350,7 @@ ENTITIES: tuple[EntitySpec, ...] = (
         writes=_FULL_WRITES,
         get_by_id=False,
         required_fields=("id", "invoice_id", "amount", "updated_at"),
+        read_on_webhooks_of="INVOICE",
         description="One row is a payment received against an invoice.",
     ),
     EntitySpec(

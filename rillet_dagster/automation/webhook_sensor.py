@@ -4,7 +4,9 @@ Pending events are found by their status, never by a cursor of the highest id se
 PostgreSQL, transactions commit out of id order, so such a cursor skips events). One run applies
 every entity that has pending events, in one process (the ``apply_webhook_events`` job), in
 events-only mode: the bodies carry the objects, so the run reads no list from Rillet, makes
-almost no API request and claims no pool; it neither waits behind a sync nor blocks one.
+almost no API request and claims no pool; it neither waits behind a sync nor blocks one. An
+entity without webhooks of its own (invoice payments) is read incrementally in the runs of the
+entity whose events announce it (``INVOICE``'s ``PAYMENT_UPDATED``): a request or two.
 
 Run grouping: events are gathered for ``gather_seconds`` before a run is requested; an entity
 already covered by a webhook run that has not started yet is left to that
@@ -56,8 +58,24 @@ def webhook_fed(
     }
 
 
+def read_alongside(
+    entity_assets: Sequence[dg.AssetsDefinition],
+) -> dict[str, list[dg.AssetsDefinition]]:
+    """Webhook entity name -> entity assets without webhooks of their own that its events
+    announce (invoice payments, on ``INVOICE``'s ``PAYMENT_UPDATED``)."""
+    alongside: dict[str, list[dg.AssetsDefinition]] = {}
+    for asset in entity_assets:
+        spec = catalog.entity(asset.op.name.removeprefix("sync_"))
+        if spec.read_on_webhooks_of:
+            alongside.setdefault(spec.read_on_webhooks_of, []).append(asset)
+    return alongside
+
+
 def webhook_job(entity_assets: Sequence[dg.AssetsDefinition]) -> dg.UnresolvedAssetJobDefinition:
     keys = [key for _, asset in webhook_fed(entity_assets).values() for key in asset.keys]
+    keys += [
+        key for assets in read_alongside(entity_assets).values() for a in assets for key in a.keys
+    ]
     # In one process: each step applies a batch of bodies to the warehouse in well under a
     # second, while a subprocess per step would spend seconds importing.
     return dg.define_asset_job(
@@ -80,6 +98,7 @@ def webhook_sensor(
     gather_seconds: float = GATHER_SECONDS,
 ) -> dg.SensorDefinition:
     by_entity = webhook_fed(entity_assets)
+    alongside = read_alongside(entity_assets)
 
     @dg.sensor(
         name=SENSOR_NAME,
@@ -126,13 +145,18 @@ def webhook_sensor(
         generation = int((now - oldest).total_seconds() // stale_after_seconds)
         names = [by_entity[name][0].name for name in todo]
         assets = [by_entity[name][1] for name in todo]
+        # Read incrementally (today's partition), not from events: they have none of their own.
+        companions = [a for name in todo for a in alongside.get(name, []) if a not in assets]
         partitioned = next((a.partitions_def for a in assets if a.partitions_def), None)
         request = dg.RunRequest(
             run_key=f"webhook:{','.join(names)}:{newest.isoformat()}:{generation}",
-            asset_selection=[key for asset in assets for key in asset.keys],
+            asset_selection=[key for asset in [*assets, *companions] for key in asset.keys],
             partition_key=partitioned.get_last_partition_key() if partitioned else None,
             run_config={
-                "ops": {asset.op.name: {"config": {"events_only": True}} for asset in assets}
+                "ops": {
+                    **{asset.op.name: {"config": {"events_only": True}} for asset in assets},
+                    **{asset.op.name: {"config": {"events_only": False}} for asset in companions},
+                }
             },
             tags={ENTITIES_TAG: ",".join(names)},
         )

@@ -281,8 +281,10 @@ def test_the_sensor_requests_one_events_only_run_for_every_pending_entity(
         assert request.tags[ENTITIES_TAG] == "customer,invoice"
         assert request.run_config == {
             "ops": {
-                f"sync_{entity}": {"config": {"events_only": True}}
-                for entity in ("customer", "invoice")
+                "sync_customer": {"config": {"events_only": True}},
+                "sync_invoice": {"config": {"events_only": True}},
+                # Payments have no webhooks of their own: read alongside the invoices.
+                "sync_invoice_payment": {"config": {"events_only": False}},
             }
         }
         assert request.partition_key == datetime.now(UTC).date().isoformat()

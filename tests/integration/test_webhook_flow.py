@@ -36,6 +36,8 @@ TOKEN = base64.b64encode(b"flow-token-" + bytes(range(21))).decode()
 TODAY = datetime.now(UTC).date()
 START = (TODAY - timedelta(days=2)).isoformat()
 ENTITIES = ("customer", "invoice")
+# Read in the same webhook run: Rillet announces payments only as INVOICE PAYMENT_UPDATED.
+ALONGSIDE = ("invoice_payment",)
 
 
 @pytest.fixture
@@ -105,7 +107,10 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
         ),
         "warehouse": WarehouseResource(url=warehouse_url),
     }
-    chosen = {name: next(a for a in assets if a.op.name == f"sync_{name}") for name in ENTITIES}
+    chosen = {
+        name: next(a for a in assets if a.op.name == f"sync_{name}")
+        for name in (*ENTITIES, *ALONGSIDE)
+    }
     tags = {
         "dagster/asset_partition_range_start": START,
         "dagster/asset_partition_range_end": TODAY.isoformat(),
@@ -140,8 +145,11 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
             metadata = run.asset_materializations_for_node(f"sync_{name}")[0].metadata
             assert metadata["webhook_events_applied"].value > 0
             assert metadata["api_requests"].value == 0  # every body carried the object
+        assert request.run_config["ops"]["sync_invoice_payment"] == {
+            "config": {"events_only": False}
+        }
     engine = make_engine(warehouse_url)
-    for name in ENTITIES:
+    for name in (*ENTITIES, *ALONGSIDE):
         with server.sandbox.world.store.lock:
             expected = {r["id"]: r for r in server.sandbox.world.store[name].all_records()}
         assert {r["id"]: r for r in read_records(engine, name)} == expected, name
