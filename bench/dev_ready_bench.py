@@ -32,7 +32,9 @@ GOAL_SECONDS = 180
 
 def _warehouse_matches(stack: DevStack, engine: Engine) -> bool:
     for spec in catalog.ENTITIES:
-        if spec.single:  # the organization and the last closed period: not lists
+        # The organization and the last closed period are not lists; the reporting view of
+        # journal entries has no webhooks (a deletion leaves it at the next full sync).
+        if spec.single or spec.name == "reporting_journal_entry":
             continue
         table = table_for(spec.name)
         answer = httpx.get(

@@ -73,6 +73,16 @@ def subsidiary_partition_changes(
     return sorted(wanted - current), sorted(current - wanted)
 
 
+def subsidiary_name(engine: Engine, key: str) -> str:
+    """What an analyst calls the partition's subsidiary (partition keys are Rillet's ids)."""
+    if key == CONSOLIDATED:
+        return "Consolidated (every subsidiary, reporting currency)"
+    table = table_for("subsidiary")
+    with engine.connect() as conn:
+        name = conn.scalar(select(table.c.trade_name).where(table.c.id == key))
+    return str(name) if name else key
+
+
 def keep_subsidiary_partitions(instance: dg.DagsterInstance, engine: Engine) -> str | None:
     """Bring ``rillet_subsidiaries`` in step with the warehouse now; says what changed."""
     added, removed = subsidiary_partition_changes(
@@ -232,6 +242,7 @@ def report_asset(spec: ReportSpec, partitions: dg.MultiPartitionsDefinition) -> 
             "period_start": period.start.isoformat() if period.start else "",
             "period_end": period.end.isoformat(),
             "subsidiary": period.subsidiary_key,
+            "subsidiary_name": subsidiary_name(engine, period.subsidiary_key),
             "currency": str(body.get("currency") or ""),
             "totals": dg.MetadataValue.md(_headline(lines)),
             **{f"api_{k}": v for k, v in stats.items()},

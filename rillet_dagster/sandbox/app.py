@@ -512,8 +512,12 @@ class Sandbox:
                 "or its singular catalog name.",
             )
         with store.lock:
-            collection = store[entity]
-            parts = [collection.record_json(seq) for seq in collection.live_seqs()]
+            if entity in _VIEW_OF:  # the reporting view, rendered from the records it shows
+                seqs = store[_VIEW_OF[entity]].live_seqs()
+                parts = [self._reporting_json(seq) for seq in seqs]
+            else:
+                collection = store[entity]
+                parts = [collection.record_json(seq) for seq in collection.live_seqs()]
         return Response(b"[" + b",".join(parts) + b"]", media_type=JSON)
 
 

@@ -38,9 +38,14 @@ README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 # Entities whose sandbox collection the live activity never touches while we compare.
 # What the sandbox's live activity changes every second (and what follows from it).
-LIVE = ["customer", "invoice", "invoice_payment", "journal_entry", "reporting_journal_entry"]
-# (Singletons, the organization and the last closed period, are not lists of records.)
-STILL = [spec.name for spec in catalog.ENTITIES if spec.name not in LIVE and not spec.single]
+LIVE = ["customer", "invoice", "invoice_payment", "journal_entry"]
+# Singletons (the organization, the last closed period) are not lists of records; the reporting
+# view of journal entries has no webhooks, so a deleted entry leaves it at the next full sync.
+STILL = [
+    spec.name
+    for spec in catalog.ENTITIES
+    if spec.name not in {*LIVE, "reporting_journal_entry"} and not spec.single
+]
 
 
 def test_the_first_run_ends_ready_with_every_check_passed(dev_stack: DevStack) -> None:

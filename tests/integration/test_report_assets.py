@@ -96,6 +96,10 @@ def materialize_reports(
                 partition_key=partition_key(period_key(names[0]), subsidiary),
             )
             assert result.success
+            for materialization in result.get_asset_materialization_events():
+                named = materialization.materialization.metadata["subsidiary_name"].value  # type: ignore[union-attr]
+                # No subsidiaries synced here: the id, except the consolidated partition.
+                assert named == subsidiary or named.startswith("Consolidated")
 
 
 def expected_response(server: SandboxServer, name: str, subsidiary: str) -> dict[str, Any]:
