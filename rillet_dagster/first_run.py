@@ -109,10 +109,12 @@ class FirstRun:
         with dg.DagsterInstance.from_config(str(self.home)) as instance:
             sync = self._launch_sync(client)
             launched: list[Launched] = []
-            if sync is None or not self._follow_sync(client, instance, sync, launched):
+            if sync is None or not self._follow_sync(instance, sync):
                 return self.progress
-            # The reconciliation beside the trial balance reads the synced ledger: after the sync.
+            # After the sync: the reconciliation reads the synced ledger, and runs launched
+            # during it would take the run slots that webhook runs need to keep up.
             launched += self._launch_reports(client, instance, DAILY_TRIAL_BALANCE_JOB)
+            launched += self._launch_reports(client, instance, MONTH_END_PACK_JOB)
             models = self._models_run(instance, sync.run_id)
             if models is not None:
                 launched.append(models)
@@ -181,16 +183,8 @@ class FirstRun:
         self.say(f"sync: launched sync_all over {len(keys)} days ({self.ui_url}/runs/{run_id})")
         return Launched(run_id, SYNC_ALL)
 
-    def _follow_sync(
-        self,
-        client: DagsterGraphQLClient,
-        instance: dg.DagsterInstance,
-        sync: Launched,
-        launched: list[Launched],
-    ) -> bool:
-        """Say how the sync goes until it ends; the month-end packs, which read only Rillet,
-        are launched as soon as the subsidiaries are synced (their partitions exist)."""
-        packs_launched = False
+    def _follow_sync(self, instance: dg.DagsterInstance, sync: Launched) -> bool:
+        """Say how the sync goes until it ends."""
         steps = sum(1 for spec in catalog.ENTITIES if spec.name != "bill_payment")
         headers = {table_name(spec.name) for spec in catalog.ENTITIES}
         shown = ""
@@ -202,9 +196,6 @@ class FirstRun:
             if line != shown and time.monotonic() - last_said >= 3:
                 self.say(line)
                 shown, last_said = line, time.monotonic()
-            if not packs_launched and instance.get_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME):
-                launched += self._launch_reports(client, instance, MONTH_END_PACK_JOB)
-                packs_launched = True
             if run is not None and run.status in _FINISHED:
                 self.progress.records = records
                 if run.status != dg.DagsterRunStatus.SUCCESS:
