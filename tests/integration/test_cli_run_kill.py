@@ -19,17 +19,19 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import httpx
 import pytest
 
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
-from rillet_dagster.warehouse.load import read_records
-from rillet_dagster.warehouse.schema import make_engine
+from tests.run_processes import (
+    assert_warehouse_equals_sandbox,
+    instance_home,
+    process_env,
+    wait_for,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "cli-kill-key-0123456789"
 TODAY = datetime.now(UTC).date()
 START = (TODAY - timedelta(days=1)).isoformat()
@@ -47,16 +49,6 @@ def server() -> Iterator[SandboxServer]:
     started = SandboxServer(build_sandbox(options)).start()
     yield started
     started.stop()
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def execute(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -94,22 +86,8 @@ def first_step_start(instance: dg.DagsterInstance, run_id: str) -> float | None:
 def test_a_sigkilled_cli_run_does_not_block_its_rerun(
     server: SandboxServer, tmp_path: Path
 ) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    with dg.DagsterInstance.from_config(str(home)):
-        pass  # tables created once, before two processes race for them
-    warehouse_url = f"sqlite:///{tmp_path}/warehouse.db"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RILLET_", "DAGSTER_"))},
-        "DAGSTER_HOME": str(home),
-        "RILLET_BASE_URL": server.base_url,
-        "RILLET_API_KEY": KEY,
-        "RILLET_WAREHOUSE_URL": warehouse_url,
-        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
-        "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
-    }
+    home = instance_home(tmp_path)
+    env = process_env(tmp_path, home, server, KEY, START)
     # Slow responses keep the first run busy long enough to be killed in a step.
     httpx.put(
         f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
@@ -153,11 +131,4 @@ def test_a_sigkilled_cli_run_does_not_block_its_rerun(
             if "blocked" in (entry.message or "").lower() or "pool" in (entry.message or "")
         ]
         assert blocked == []
-    engine = make_engine(warehouse_url)
-    try:
-        for entity in CHECKED:
-            with server.sandbox.world.store.lock:
-                expected = {r["id"]: r for r in server.sandbox.world.store[entity].all_records()}
-            assert {r["id"]: r for r in read_records(engine, entity)} == expected, entity
-    finally:
-        engine.dispose()
+    assert_warehouse_equals_sandbox(server, env["RILLET_WAREHOUSE_URL"], CHECKED)

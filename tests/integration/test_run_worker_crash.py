@@ -14,16 +14,18 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import httpx
 import pytest
-import yaml
 
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
-from rillet_dagster.warehouse.load import read_records
-from rillet_dagster.warehouse.schema import make_engine
+from tests.run_processes import (
+    assert_warehouse_equals_sandbox,
+    instance_home,
+    process_env,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "worker-crash-key-0123456789"
@@ -44,32 +46,6 @@ def server() -> Iterator[SandboxServer]:
     started.stop()
 
 
-def instance_home(tmp_path: Path) -> Path:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
-    config["run_monitoring"]["poll_interval_seconds"] = POLL_SECONDS
-    # The killed run's rillet_api slot comes back this long after it is marked failed (60 s in
-    # dagster.yaml); the retry waits for it, so a short delay keeps the test a minute shorter.
-    config["run_monitoring"]["free_slots_after_run_end_seconds"] = 2 * POLL_SECONDS
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-    # Create the instance's tables now: the daemon and `dagster job launch` starting on an empty
-    # home would both create them, and the loser fails with "table already exists".
-    with dg.DagsterInstance.from_config(str(home)):
-        pass
-    return home
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         found = re.search(r"Started process for run \(pid: (\d+)\)", entry.message or "")
@@ -81,18 +57,8 @@ def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
 def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
     server: SandboxServer, tmp_path: Path
 ) -> None:
-    home = instance_home(tmp_path)
-    warehouse_url = f"sqlite:///{tmp_path}/warehouse.db"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "RILLET_BASE_URL": server.base_url,
-        "RILLET_API_KEY": KEY,
-        "RILLET_WAREHOUSE_URL": warehouse_url,
-        "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
-        "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
-    }
+    home = instance_home(tmp_path, poll_interval_seconds=POLL_SECONDS)
+    env = process_env(tmp_path, home, server, KEY, START)
     # Slow responses keep the run busy long enough to be killed in the middle.
     httpx.put(
         f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
@@ -180,9 +146,4 @@ def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
             daemon.wait(timeout=30)
         except subprocess.TimeoutExpired:
             daemon.kill()
-    engine = make_engine(warehouse_url)
-    for entity in CHECKED:
-        with server.sandbox.world.store.lock:
-            expected = {r["id"]: r for r in server.sandbox.world.store[entity].all_records()}
-        assert {r["id"]: r for r in read_records(engine, entity)} == expected, entity
-    engine.dispose()
+    assert_warehouse_equals_sandbox(server, env["RILLET_WAREHOUSE_URL"], CHECKED)
