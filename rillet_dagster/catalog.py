@@ -11,8 +11,13 @@ models it); where sources disagree we follow its "Decisions" table.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+
+# Rillet ids are canonical UUIDs ([M] OAS, CARBON; the sandbox generates them the same way). A
+# record id goes into a URL path, so anything else (``..``, ``a/b``) is refused before a request.
+UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 class FilterOp(StrEnum):
@@ -106,6 +111,8 @@ class EntitySpec:
         single: the endpoint returns one bare object, not a list.
         not_found_means_empty: a 404 on the single-object endpoint means "none yet".
         required_fields: fields every record must carry (missing ones are a schema error).
+        id_pattern: regular expression a whole record id must match before the client puts it
+            in a path (``GET {path}/{id}``, a parent id in ``path``).
         description: what one row is.
     """
 
@@ -132,6 +139,11 @@ class EntitySpec:
     not_found_means_empty: bool = False
     required_fields: tuple[str, ...] = ("id",)
     group: str = "rillet_entities"
+    id_pattern: str = UUID_PATTERN
+
+    def is_valid_id(self, value: object) -> bool:
+        """``value`` has this entity's id shape (whole string: no trailing newline slips by)."""
+        return isinstance(value, str) and re.fullmatch(self.id_pattern, value) is not None
 
     @property
     def incremental(self) -> bool:

@@ -5,6 +5,7 @@ rillet-dagster sandbox [--port 8765] [--seed 7] [--size small] [--api-key KEY]
                        [--faults error_rate=0.1,latency=20-500] [--rate-limit 60/60]
 rillet-dagster receiver [--host 127.0.0.1] [--port 8780] [--state-url URL]
                         [--secrets-env RILLET_WEBHOOK_SECRETS] [--max-body-bytes N]
+                        [--max-buffered-bytes N]
                         [--max-future-seconds 300] [--max-age-seconds 604800]
                         [--http httptools|h11]
 rillet-dagster dev [--port 8765] [--ui-port 3000] [--receiver-port 8780] [--seed 7]
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from rillet_dagster.events_cli import add_events_parser, run_events
 from rillet_dagster.sandbox.data import SIZES, parse_size
 from rillet_dagster.sandbox.faults import parse_faults
 from rillet_dagster.sandbox.server import (
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "state database before acknowledging them.",
     )
     _receiver_arguments(receiver)
+    add_events_parser(commands)
     return parser
 
 
@@ -159,6 +162,13 @@ def _receiver_arguments(receiver: argparse.ArgumentParser) -> None:
     )
     receiver.add_argument("--max-body-bytes", type=_positive_int, default=1024 * 1024)
     receiver.add_argument(
+        "--max-buffered-bytes",
+        type=_positive_int,
+        default=64 * 1024 * 1024,
+        help="request bodies held in memory across all connections; beyond it, 503 with "
+        "Retry-After (default 64 MiB)",
+    )
+    receiver.add_argument(
         "--max-future-seconds",
         type=_seconds,
         default=300.0,
@@ -180,7 +190,7 @@ def _receiver_arguments(receiver: argparse.ArgumentParser) -> None:
 
 
 def run_receiver(args: argparse.Namespace) -> None:
-    from rillet_dagster.receiver.app import ReceiverConfig, timestamp_policy
+    from rillet_dagster.receiver.app import ReceiverConfig, receiver_keys, timestamp_policy
     from rillet_dagster.receiver.serve import serve
 
     # The settings `rillet-dagster dev` wrote for other shells, as Dagster's CLI reads them;
@@ -196,12 +206,22 @@ def run_receiver(args: argparse.Namespace) -> None:
             f"rillet-dagster receiver: set {args.secrets_env} to the webhook token(s), "
             "comma-separated, as Rillet shows them"
         )
-    config = ReceiverConfig(
-        state_url=args.state_url or settings.state_url,
-        secrets=secrets,
-        max_body_bytes=args.max_body_bytes,
-        timestamp_policy=timestamp_policy(args.max_future_seconds, args.max_age_seconds or None),
-    )
+    try:
+        receiver_keys(secrets)  # a token too short to be safe: the message says how to make one
+    except ValueError as error:
+        sys.exit(f"rillet-dagster receiver: {args.secrets_env}: {error}")
+    try:
+        config = ReceiverConfig(
+            state_url=args.state_url or settings.state_url,
+            secrets=secrets,
+            max_body_bytes=args.max_body_bytes,
+            max_buffered_bytes=args.max_buffered_bytes,
+            timestamp_policy=timestamp_policy(
+                args.max_future_seconds, args.max_age_seconds or None
+            ),
+        )
+    except ValueError as error:
+        sys.exit(f"rillet-dagster receiver: {error}")
     print(
         f"Rillet webhook receiver on http://{args.host}:{args.port}/webhooks/rillet "
         f"({len(secrets)} token(s))",
@@ -288,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_sandbox(args)
     elif args.command == "receiver":
         run_receiver(args)
+    elif args.command == "events":
+        run_events(args)
     elif args.command == "dev":
         from rillet_dagster.dev import run_dev
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from rillet_dagster import catalog
 from rillet_dagster.rillet.client import RilletClient
+from rillet_dagster.rillet.errors import DEFAULT_MAX_RETRY_AFTER_SECONDS
 from rillet_dagster.rillet.ratelimit import RateBudget
 from rillet_dagster.settings import API_KEY_VAR, BASE_URL_ALIASES, resolve_base_url
 from rillet_dagster.warehouse.schema import build_metadata, ensure_schema, make_engine
@@ -51,6 +52,13 @@ class RilletResource(dg.ConfigurableResource):
     rate_limit_window_seconds: float = 60.0
     rate_limit_margin: int = 0
     lookback_minutes: float = 5.0
+    max_retry_after_seconds: float = Field(
+        default=DEFAULT_MAX_RETRY_AFTER_SECONDS,
+        description=(
+            "Longest Retry-After believed on a 429 or 503, and longest pause of the shared rate "
+            "budget; a longer or malformed value counts as absent (the client backs off itself)"
+        ),
+    )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         ensure_sqlite_directory(self.state_url)
@@ -74,6 +82,7 @@ class RilletResource(dg.ConfigurableResource):
             window_seconds=self.rate_limit_window_seconds,
             margin=self.rate_limit_margin,
             request_timeout=self.timeout_seconds,
+            max_pause_seconds=self.max_retry_after_seconds,
         )
         client = RilletClient(
             api_key=self._key(),
@@ -82,6 +91,7 @@ class RilletResource(dg.ConfigurableResource):
             timeout=self.timeout_seconds,
             budget=budget,
             lookback=timedelta(minutes=self.lookback_minutes),
+            max_retry_after_seconds=self.max_retry_after_seconds,
         )
         try:
             yield client

@@ -30,6 +30,8 @@ STATE_URL_VAR = "RILLET_STATE_URL"
 WEBHOOK_SECRETS_VAR = "RILLET_WEBHOOK_SECRETS"
 RATE_LIMIT_VAR = "RILLET_RATE_LIMIT"
 START_DATE_VAR = "RILLET_START_DATE"
+EVENT_RETENTION_VAR = "RILLET_EVENT_RETENTION_DAYS"
+DEFAULT_EVENT_RETENTION_DAYS = 7.0
 
 _RATE_LIMIT = re.compile(r"^\s*(\d+)\s*(?:/|per)\s*(\d+(?:\.\d+)?)\s*s?\s*$")
 
@@ -96,6 +98,22 @@ def parse_webhook_secrets(text: str, variable: str = WEBHOOK_SECRETS_VAR) -> tup
     return tokens
 
 
+def parse_retention_days(text: str, variable: str = EVENT_RETENTION_VAR) -> float:
+    """Days that applied webhook events are kept (blank: the default)."""
+    if not text.strip():
+        return DEFAULT_EVENT_RETENTION_DAYS
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if not 0 < days <= 3650:
+        raise SettingsError(
+            f"{variable}={text!r} is not a number of days between 0 and 3650; write it like 7 "
+            "or 0.5 (applied webhook events older than that are purged)"
+        )
+    return days
+
+
 def default_data_dir(environ: Mapping[str, str]) -> Path:
     """Where local files live: ``$DAGSTER_HOME`` when set, else ``./.rillet``."""
     home = environ.get("DAGSTER_HOME")
@@ -106,10 +124,12 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
 class Settings:
     base_url: str = BASE_URL_ALIASES["sandbox"]
     api_version: int = DEFAULT_API_VERSION
-    warehouse_url: str = ""
-    state_url: str = ""
+    # Database URLs may hold passwords: kept out of repr, shown as EnvVars by the Definitions.
+    warehouse_url: str = field(default="", repr=False)
+    state_url: str = field(default="", repr=False)
     rate_limit: RateLimit = field(default_factory=RateLimit)
     start_date: date = date(2026, 11, 1)
+    event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     has_api_key: bool = False
     webhook_secret_count: int = 0
     # The receiver needs the tokens themselves; repr=False keeps them out of logs and errors.
@@ -129,6 +149,7 @@ class Settings:
                 f"{START_DATE_VAR}={start_text!r} is not a date; write it as YYYY-MM-DD"
             ) from None
         secrets = parse_webhook_secrets(env.get(WEBHOOK_SECRETS_VAR, ""))
+        retention = parse_retention_days(env.get(EVENT_RETENTION_VAR, ""))
         return cls(
             base_url=resolve_base_url(env.get(BASE_URL_VAR, "sandbox")),
             api_version=parse_api_version(env.get(API_VERSION_VAR, str(DEFAULT_API_VERSION))),
@@ -136,6 +157,7 @@ class Settings:
             state_url=state,
             rate_limit=RateLimit.parse(env.get(RATE_LIMIT_VAR, "60/60")),
             start_date=start,
+            event_retention_days=retention,
             has_api_key=bool(env.get(API_KEY_VAR, "").strip()),
             webhook_secret_count=len(secrets),
             webhook_secrets=secrets,

@@ -11,15 +11,18 @@ at definition time to find their config and resources.
 """
 
 from datetime import UTC, datetime, time
+from typing import Any
 
 import dagster as dg
 
 from rillet_dagster import catalog
+from rillet_dagster.assets.events import queue_entity
 from rillet_dagster.assets.reports import keep_subsidiary_partitions
 from rillet_dagster.assets.sync import Window, asset_key, sync_entity
 from rillet_dagster.catalog import EntitySpec
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.settings import Settings
+from rillet_dagster.warehouse import state
 
 # Bill payments have no feed of their own: they are read per changed bill, by the bill asset.
 _RIDES_WITH = {"bill_payment": "bill"}
@@ -69,6 +72,46 @@ def _specs(spec: EntitySpec) -> list[dg.AssetSpec]:
     ]
 
 
+QUARANTINE_CHECK = "nothing_quarantined"
+
+
+def quarantine_check_spec(spec: EntitySpec) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        QUARANTINE_CHECK,
+        asset=asset_key(spec.name),
+        description=f"No {spec.name} webhook event or record is set aside because it could not "
+        "be stored (quarantined); when one is, the metadata names the first error and the "
+        "command that lists, requeues or discards them.",
+    )
+
+
+def quarantine_check_result(spec: EntitySpec, state_url: str) -> dg.AssetCheckResult:
+    """How many of the entity's events and records are quarantined, from the state database."""
+    entity = queue_entity(spec)
+    engine = state.make_state_engine(state_url)
+    try:
+        with engine.begin() as connection:
+            state.ensure_state_schema(connection)
+            summary = state.quarantine_summary(connection).get(entity)
+    finally:
+        engine.dispose()
+    metadata: dict[str, Any] = {"quarantined": 0 if summary is None else summary.count}
+    if summary is not None:
+        metadata |= {
+            "first_error": summary.first_error,
+            "first_event_id": summary.first_event_id,
+            "what_to_do": f"rillet-dagster events list --entity {entity}; after a fix, "
+            f"rillet-dagster events requeue --entity {entity} (or discard)",
+        }
+    return dg.AssetCheckResult(
+        asset_key=asset_key(spec.name),
+        check_name=QUARANTINE_CHECK,
+        passed=summary is None,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+    )
+
+
 # Transient failures (a restarted database, Rillet down for a minute) are retried by Dagster;
 # the load is idempotent, so a retried step converges on the same rows.
 SYNC_RETRY_POLICY = dg.RetryPolicy(
@@ -86,6 +129,7 @@ def entity_asset(
     @dg.multi_asset(
         name=f"sync_{spec.name}",
         specs=_specs(spec),
+        check_specs=[quarantine_check_spec(spec)],
         partitions_def=partitions if partitioned else None,
         backfill_policy=dg.BackfillPolicy.single_run() if partitioned else None,
         can_subset=False,
@@ -117,6 +161,9 @@ def entity_asset(
                 state_url=rillet.state_url,
                 read_rillet=not config.events_only,
             )
+        check = dg.AssetCheckKey(asset_key(spec.name), QUARANTINE_CHECK)
+        if check in context.selected_asset_check_keys:
+            yield quarantine_check_result(spec, rillet.state_url)
         if spec.name == "subsidiary":
             # Report partitions follow the subsidiaries as soon as they are synced, so that a
             # first sync can be followed by every subsidiary's reports at once.

@@ -8,6 +8,8 @@ are inferred only from a complete full pass (a partial pass proves nothing).
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +20,12 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
 from rillet_dagster import catalog
-from rillet_dagster.assets.events import AppliedEvents, apply_pending_events
+from rillet_dagster.assets.events import (
+    AppliedEvents,
+    apply_pending_events,
+    describe,
+    queue_entity,
+)
 from rillet_dagster.catalog import EntitySpec
 from rillet_dagster.clock import parse_timestamp
 from rillet_dagster.rillet.client import RilletClient
@@ -97,6 +104,14 @@ def sync_entity(
             events = apply_pending_events(
                 spec, client, engine, state_engine, run_id=run_id, log=log, on_records=count
             )
+        except Exception as error:
+            if not read_rillet:
+                raise
+            # A full pass never depends on the queue: reading Rillet brings the same changes.
+            log.warning(
+                f"{spec.name}: the queued webhook events could not be applied now "
+                f"({describe(error)}); they stay pending, and this pass reads Rillet anyway"
+            )
         finally:
             state_engine.dispose()
         header.soft_deleted += events.deleted
@@ -110,11 +125,9 @@ def sync_entity(
     else:
         stream = client.iter_records(spec.name, updated_since=updated_since)
         records = stream
-    for batch in load.batches(records, BATCH_SIZE):
-        with engine.begin() as connection:
-            header.add(
-                load.upsert_records(connection, spec, batch, run_id=run_id, synced_at=synced_at)
-            )
+    refused: list[tuple[Any, load.RecordSchemaError]] = []
+    for records_read in load.batches(records, BATCH_SIZE):
+        batch = _load_refusing(engine, spec, records_read, header, refused, run_id, synced_at)
         loaded += len(batch)
         for record in batch:
             stamp = record.get("updated_at")
@@ -127,6 +140,8 @@ def sync_entity(
         if spec.name == "bill":
             _sync_bill_payments(client, engine, batch, extra["bill_payment"], run_id, synced_at)
         log.info(f"{spec.name}: loaded {loaded} records so far")
+    if refused:
+        _set_aside(spec, refused, state_url, log)
     complete = read_rillet and (stream is None or stream.complete)
     if complete and updated_since is None:
         # Only a complete pass over everything proves that a missing record was deleted. The
@@ -144,21 +159,121 @@ def sync_entity(
         stored = load.get_watermark(connection, spec.name)
         watermark_text = stored.isoformat() if stored else None
     stats = client.stats.as_metadata()
-    webhook_metadata = (
+    webhook_metadata: dict[str, Any] = (
         {
-            "webhook_events_applied": events.events,
+            "webhook_events_applied": events.events - events.quarantined,
             "webhook_events_from_body": events.upserted,
             "webhook_events_read_again": events.fetched,
+            "webhook_events_healed": events.healed,
+            "webhook_events_quarantined": events.quarantined,
         }
         if spec.webhook_entity
         else {}
     )
+    if events.first_quarantine_error:
+        webhook_metadata["webhook_first_quarantine_error"] = events.first_quarantine_error
+    if read_rillet:
+        webhook_metadata["records_refused"] = len(refused)
+    if refused:
+        webhook_metadata["first_refused_record_error"] = str(refused[0][1])
     results = [_result(spec.name, header, stats, watermark_text, engine, webhook_metadata)]
     for child in spec.children:
         results.append(_result(child.name, children[child.name], stats, watermark_text, engine))
     for name, tally in extra.items():
         results.append(_result(name, tally, stats, watermark_text, engine))
     return results
+
+
+def _load_refusing(
+    engine: Engine,
+    spec: EntitySpec,
+    records: list[Any],
+    tally: TableTally,
+    refused: list[tuple[Any, load.RecordSchemaError]],
+    run_id: str,
+    synced_at: datetime,
+) -> list[Any]:
+    """Load Rillet's records (authoritative: its list is the truth); a record the warehouse
+    cannot store is left out, into ``refused``, and the others load. Returns the loaded ones."""
+    while records:
+        try:
+            with engine.begin() as connection:
+                tally.add(
+                    load.upsert_records(
+                        connection,
+                        spec,
+                        records,
+                        run_id=run_id,
+                        synced_at=synced_at,
+                        authoritative=True,
+                    )
+                )
+            break
+        except load.RecordSchemaError as error:
+            culprits = [i for i, record in enumerate(records) if _names(record, error.record_id)]
+            if not culprits:
+                raise
+            refused.extend((records[i], error) for i in culprits)
+            records = [r for i, r in enumerate(records) if i not in set(culprits)]
+    return records
+
+
+def _names(record: Any, record_id: object) -> bool:
+    """Whether ``record`` is the one a RecordSchemaError names (``None``: its id is unusable)."""
+    if not isinstance(record, Mapping):
+        return record_id is None
+    found = record.get("id")
+    if record_id is None:
+        return not isinstance(found, str) or not found
+    return found == record_id
+
+
+def _set_aside(
+    spec: EntitySpec,
+    refused: list[tuple[Any, load.RecordSchemaError]],
+    state_url: str | None,
+    log: Any,
+) -> None:
+    """Quarantine the records a pass could not store, so that the entity's check shows them
+    (``rillet-dagster events`` lists them; a requeue lets the next full pass try again)."""
+    now = datetime.now(UTC)
+    for _record, error in refused:
+        log.warning(f"{spec.name}: a record from Rillet could not be stored, set aside: {error}")
+    if not state_url:
+        return
+    items = [
+        state.QueuedEvent(
+            id=str(uuid.uuid5(_REFUSED_NAMESPACE, f"{spec.name}:{error.record_id!r}")),
+            entity=queue_entity(spec),
+            event=state.SYNC_REFUSED,
+            received_at=now,
+            event_timestamp=now,
+            body=_raw(record),
+            status="quarantined",
+            error=f"a sync read this record from Rillet but cannot store it: {error}",
+        )
+        for record, error in refused
+    ]
+    state_engine = state.make_state_engine(state_url)
+    try:
+        with state_engine.begin() as connection:
+            state.ensure_state_schema(connection)
+            state.enqueue_many(connection, items)
+    finally:
+        state_engine.dispose()
+
+
+_REFUSED_NAMESPACE = uuid.UUID("7d0b6a52-93b4-4d1e-9f3c-2f6c1e0a4b8d")
+_MAX_REFUSED_BODY = 1024 * 1024
+
+
+def _raw(record: Any) -> bytes:
+    """The refused record as JSON text for inspection (escaped, as it cannot be stored as is)."""
+    try:
+        text = json.dumps(record, default=str, ensure_ascii=True)
+    except (ValueError, RecursionError):
+        text = repr(record)[:_MAX_REFUSED_BODY]
+    return text.encode("ascii", "backslashreplace")[:_MAX_REFUSED_BODY]
 
 
 def _committed_watermark(
@@ -193,7 +308,14 @@ def _sync_bill_payments(
         payments = client.children("bill_payment", bill["id"])
         with engine.begin() as connection:
             tally.add(
-                load.upsert_records(connection, spec, payments, run_id=run_id, synced_at=synced_at)
+                load.upsert_records(
+                    connection,
+                    spec,
+                    payments,
+                    run_id=run_id,
+                    synced_at=synced_at,
+                    authoritative=True,
+                )
             )
             live = connection.execute(
                 select(table.c.id).where(

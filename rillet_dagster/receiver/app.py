@@ -8,16 +8,21 @@ Per delivery, in this order (the cheap, client-independent checks first):
    :mod:`rillet_dagster.rillet.signatures`.
 3. The body is read as a stream and cut off at the cap, whatever ``Content-Length`` claimed
    (413), and within ``body_timeout`` seconds (408), so a slow sender cannot hold a worker.
+   Bodies held in memory across *all* connections share one budget, ``max_buffered_bytes``: a
+   request that would exceed it is answered 503 with ``Retry-After`` before its body is read
+   (its whole ``Content-Length`` is reserved up front; a chunked body reserves as it arrives).
+   Per-request caps alone allow ``limit_concurrency`` x ``max_body_bytes``, gigabytes.
 4. The signature over the raw bytes must match a configured token (401).
 5. Timestamp policy: beyond the future skew 400; older than ``max_age`` 400 unless the id is
    already stored (then it is a redelivery: 200).
 6. The event is inserted into the queue and committed (SQLite ``synchronous=FULL``) before the
    200. Storage that fails or takes longer than ``storage_timeout`` gives 503, never a 2xx.
 
-A validly signed body that is not JSON of the expected shape is stored as ``poison``, an entity
-or event the catalog does not know as ``unknown``: both are acknowledged (Rillet requires 2xx
-for unknown events) and kept for inspection. Refusals are RFC 9457 ``application/problem+json``
-and store nothing.
+A validly signed body that is not JSON of the expected shape, or that nests deeper than
+:data:`MAX_JSON_DEPTH` (found by a flat scan before anything parses it recursively), is stored as
+``poison``, an entity or event the catalog does not know as ``unknown``: both are acknowledged
+(Rillet requires 2xx for unknown events) and kept for inspection. Refusals are RFC 9457
+``application/problem+json`` and store nothing.
 
 Inserts go through one writer task that commits whatever has queued up while the previous
 commit ran (group commit): every request still waits for the commit holding its own row, but
@@ -28,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -39,13 +46,14 @@ import anyio
 from sqlalchemy import Engine, exc, text
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from rillet_dagster import catalog
 from rillet_dagster.clock import Clock, SystemClock
 from rillet_dagster.rillet.signatures import (
+    MIN_TOKEN_BYTES,
     TimestampPolicy,
     WebhookHeaderError,
     WebhookHeaders,
@@ -67,7 +75,30 @@ logger = logging.getLogger("rillet_dagster.receiver")
 WEBHOOK_PATH = "/webhooks/rillet"
 HEALTH_PATH = "/health"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# 64 concurrent bodies of the largest size: 1,000 slow senders peak at about 210 MB of RSS
+# (BENCHMARKS.md), where the per-request cap alone let them take 1.2 GiB.
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+BUSY_RETRY_AFTER_SECONDS = 5
+# Printed by start-up errors: how to make a webhook token of 32 random bytes.
+NEW_KEY_COMMAND = (
+    'python -c "import secrets,base64;print(base64.b64encode(secrets.token_bytes(32)).decode())"'
+)
 PROBLEM_TYPE_BASE = "https://rillet-dagster.invalid/problems/"
+# Rillet's records nest a handful of levels. Beyond this a body is poison: json.loads would recurse
+# (RecursionError at ~1,000 levels), and the apply side's JSON walkers run inside Dagster's own
+# deep stack, so the bound leaves them room under Python's recursion limit.
+MAX_JSON_DEPTH = 256
+
+# A JSON string with its escapes; possessive, so a long string is one linear pass.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
+
+
+def json_nesting_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in ``body``, found without recursion or parsing."""
+    structure = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, structure)), default=0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,8 @@ class ReceiverConfig:
         state_url: SQLAlchemy URL of the state database holding the queue.
         secrets: accepted webhook tokens (several during a rotation).
         max_body_bytes: largest accepted body.
+        max_buffered_bytes: request bodies held in memory across all connections at once
+            (at least ``max_body_bytes``); beyond it requests are answered 503.
         timestamp_policy: accepted event times.
         body_timeout: seconds a client gets to send the whole body.
         storage_timeout: seconds a request waits for its commit before answering 503.
@@ -89,12 +122,39 @@ class ReceiverConfig:
     state_url: str
     secrets: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
     timestamp_policy: TimestampPolicy = field(default_factory=TimestampPolicy)
     body_timeout: float = 10.0
     storage_timeout: float = 8.0
     busy_timeout: float = 5.0
     max_batch: int = 512
     clock: Clock = field(default_factory=SystemClock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be at least 1")
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or a body of the largest size could never be received"
+            )
+
+
+def receiver_keys(tokens: Sequence[str]) -> list[bytes]:
+    """The HMAC keys of ``tokens``, each at least :data:`MIN_TOKEN_BYTES` long.
+
+    Raises ``ValueError`` naming the token's position (never its value) and how to get a good one.
+    """
+    keys = []
+    for position, token in enumerate(tokens, start=1):
+        try:
+            keys.append(decode_token(token, min_bytes=MIN_TOKEN_BYTES))
+        except ValueError as error:
+            raise ValueError(
+                f"webhook token {position}: {error}; copy the whole Webhook Token that Rillet "
+                f"shows, or for a sender of your own generate one with: {NEW_KEY_COMMAND}"
+            ) from None
+    return keys
 
 
 class StorageUnavailable(RuntimeError):
@@ -103,6 +163,46 @@ class StorageUnavailable(RuntimeError):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class BufferBudget:
+    """Bytes of request bodies that all connections together may hold in memory.
+
+    Only touched from the event loop's thread, between awaits, so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[_Hold]:
+        """A reservation that is given back however the request ends (errors, disconnects)."""
+        held = _Hold(self)
+        try:
+            yield held
+        finally:
+            self.used -= held.size
+
+
+class _Hold:
+    def __init__(self, budget: BufferBudget) -> None:
+        self._budget = budget
+        self.size = 0
+
+    def cover(self, size: int) -> None:
+        """Hold ``size`` bytes in all; raises :class:`_OverBudget` if the budget has no room."""
+        extra = size - self.size
+        if extra <= 0:
+            return
+        if self._budget.used + extra > self._budget.limit:
+            raise _OverBudget
+        self._budget.used += extra
+        self.size = size
 
 
 @dataclass
@@ -221,10 +321,14 @@ class QueueWriter:
             connection.execute(text("SELECT 1"))
 
 
-def _problem(status: int, title: str, detail: str, *, close: bool = False) -> Response:
+def _problem(
+    status: int, title: str, detail: str, *, close: bool = False, retry_after: int | None = None
+) -> Response:
     slug = title.lower().replace(" ", "-")
     body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
-    headers = {"Connection": "close"} if close else None
+    headers = {"Connection": "close"} if close else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return Response(
         json.dumps(body).encode(),
         status_code=status,
@@ -246,6 +350,9 @@ def classify(headers: WebhookHeaders, body: bytes) -> tuple[str, str | None]:
     """The queue status of a validly signed delivery and, for poison, why."""
     spec = catalog.webhook_entity(headers.entity)
     event = canonical_name(headers.event)
+    depth = json_nesting_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        return "poison", f"body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted"
     try:
         payload = json.loads(body)
     except ValueError as error:  # includes invalid UTF-8 (UnicodeDecodeError)
@@ -263,13 +370,30 @@ def classify(headers: WebhookHeaders, body: bytes) -> tuple[str, str | None]:
     return "pending", None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    chunks = bytearray()
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    # The HTTP parser has checked it; ASCII digits only all the same (str.isdigit takes "²").
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0")
+    # int() refuses more than 4,300 digits (a 500 once, for leading zeros httptools lets through);
+    # 19 digits or more exceed any cap.
+    return int(digits or "0") if len(digits) <= 18 else 10**18
+
+
+async def _read_body(request: Request, limit: int, held: _Hold) -> bytes:
+    """The body, cut off above ``limit``; every byte kept is covered by ``held`` first."""
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
+        size += len(chunk)
+        if size > limit:
             raise _BodyTooLarge
-    return bytes(chunks)
+        held.cover(size)
+        chunks.append(chunk)
+    # One exact-size copy (none for a single chunk), where a growing bytearray reallocates as it
+    # goes and bytes() of it copies once more: less churn, less heap fragmentation left behind.
+    return b"".join(chunks)
 
 
 @dataclass
@@ -286,19 +410,16 @@ def create_app(config: ReceiverConfig, *, engine: Engine | None = None) -> Starl
     """The receiver as an ASGI app; ``engine`` overrides the one built from ``state_url``."""
     if not config.secrets:
         raise ValueError("the webhook receiver needs at least one webhook token")
-    keys: list[bytes] = []
-    for position, token in enumerate(config.secrets, start=1):
-        try:
-            keys.append(decode_token(token))
-        except ValueError as error:
-            raise ValueError(f"webhook token {position}: {error}") from None
+    keys = receiver_keys(config.secrets)
     # No pre-ping: it costs a round trip per commit; the writer retries a dropped connection.
     state_engine = engine or make_state_engine(
         config.state_url, busy_timeout_seconds=config.busy_timeout, pre_ping=False
     )
     writer = QueueWriter(state_engine, max_batch=config.max_batch)
     counters = _Counters()
+    budget = BufferBudget(config.max_buffered_bytes)
     policy = config.timestamp_policy
+    too_large = f"the body may hold at most {config.max_body_bytes} bytes"
 
     def refuse(reason: str, status: int, title: str, detail: str, **kw: Any) -> Response:
         counters.add(f"refused_{reason}")
@@ -308,38 +429,45 @@ def create_app(config: ReceiverConfig, *, engine: Engine | None = None) -> Starl
     async def receive(request: Request) -> Response:
         if not _is_json(request.headers.get("content-type")):
             return refuse("content_type", 415, "Unsupported Media Type", "send application/json")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
-            return refuse(
-                "too_large",
-                413,
-                "Payload Too Large",
-                f"the body may hold at most {config.max_body_bytes} bytes",
-                close=True,
-            )
+        declared = _declared_length(request)
+        if declared is not None and declared > config.max_body_bytes:
+            return refuse("too_large", 413, "Payload Too Large", too_large, close=True)
         try:
             headers = parse_headers(request.headers.getlist)
         except WebhookHeaderError as error:
             return refuse("header", 400, "Invalid Webhook Header", str(error))
-        try:
-            with anyio.fail_after(config.body_timeout):
-                body = await _read_body(request, config.max_body_bytes)
-        except _BodyTooLarge:
-            return refuse(
-                "too_large",
-                413,
-                "Payload Too Large",
-                f"the body may hold at most {config.max_body_bytes} bytes",
-                close=True,
-            )
-        except TimeoutError:
-            return refuse(
-                "body_timeout",
-                408,
-                "Request Timeout",
-                f"the body did not arrive within {config.body_timeout:g} s",
-                close=True,
-            )
+        # Held until the answer: the body stays in memory through verification and the commit.
+        with budget.hold() as held:
+            try:
+                if declared is not None:
+                    held.cover(declared)
+                with anyio.fail_after(config.body_timeout):
+                    body = await _read_body(request, config.max_body_bytes, held)
+            except _OverBudget:
+                return refuse(
+                    "busy",
+                    503,
+                    "Service Unavailable",
+                    "too many deliveries in progress; retry later",
+                    close=True,
+                    retry_after=BUSY_RETRY_AFTER_SECONDS,
+                )
+            except _BodyTooLarge:
+                return refuse("too_large", 413, "Payload Too Large", too_large, close=True)
+            except TimeoutError:
+                return refuse(
+                    "body_timeout",
+                    408,
+                    "Request Timeout",
+                    f"the body did not arrive within {config.body_timeout:g} s",
+                    close=True,
+                )
+            except ClientDisconnect:
+                # Nobody is left to read the answer; the sender's retry is a new request.
+                return refuse("disconnected", 400, "Client Disconnected", "the body was cut off")
+            return await store(headers, body)
+
+    async def store(headers: WebhookHeaders, body: bytes) -> Response:
         if not verify(headers, body, keys):
             return refuse("signature", 401, "Invalid Signature", "no signature matches")
         now = config.clock.now()
@@ -389,9 +517,16 @@ def create_app(config: ReceiverConfig, *, engine: Engine | None = None) -> Starl
                 await anyio.to_thread.run_sync(writer.ping)
         except (TimeoutError, exc.SQLAlchemyError) as error:
             return JSONResponse(
-                {"status": "unavailable", "storage": type(error).__name__}, status_code=503
+                {
+                    "status": "unavailable",
+                    "storage": type(error).__name__,
+                    "buffered_bytes": budget.used,
+                },
+                status_code=503,
             )
-        return JSONResponse({"status": "ok", "counters": dict(counters.values)})
+        return JSONResponse(
+            {"status": "ok", "counters": dict(counters.values), "buffered_bytes": budget.used}
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -415,6 +550,7 @@ def create_app(config: ReceiverConfig, *, engine: Engine | None = None) -> Starl
         lifespan=lifespan,
     )
     app.state.counters = counters.values
+    app.state.buffer_budget = budget
     return app
 
 

@@ -10,6 +10,7 @@ arrives as exact Decimals (``json.loads(..., parse_float=Decimal)``), never floa
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Mapping
@@ -27,8 +28,10 @@ from rillet_dagster import catalog
 from rillet_dagster.catalog import EntitySpec, FilterOp
 from rillet_dagster.clock import Clock, SystemClock
 from rillet_dagster.rillet.errors import (
+    DEFAULT_MAX_RETRY_AFTER_SECONDS,
     AuthenticationError,
     ConflictError,
+    InvalidRecordIdError,
     MalformedResponseError,
     NotFoundError,
     PermissionDeniedError,
@@ -50,7 +53,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 USER_AGENT = f"rillet-dagster/{_VERSION}"
 PAGE_SIZE = catalog.MAX_PAGE_SIZE
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID = re.compile(catalog.UUID_PATTERN)
 
 
 class Budget(Protocol):
@@ -71,7 +74,8 @@ class RetryPolicy:
     base_seconds: float = 1.0
     cap_seconds: float = 60.0
     max_total_seconds: float = 600.0
-    # A bare 429 says the window is full; wait at least this long before the next try.
+    # A bare 429 says the window is full: every process sharing the key pauses this long, and
+    # this one adds its own backoff on top so that they do not all come back at once.
     rate_limited_seconds: float = 5.0
 
     def __post_init__(self) -> None:
@@ -126,8 +130,10 @@ class RilletClient:
         budget: the shared rate budget; ``None`` only for tests and one-off scripts.
         retry: backoff policy for retriable failures.
         lookback: overlap subtracted from incremental watermarks (records are deduplicated).
-        clock: time source for backoff sleeps and watermarks.
+        clock: time source for backoff sleeps, watermarks and ``Retry-After`` dates.
         transport: an httpx transport (tests may inject one).
+        max_retry_after_seconds: the longest ``Retry-After`` believed (on 429 and 503); a
+            longer or malformed one counts as absent. Give the budget the same bound.
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class RilletClient:
         transport: httpx.BaseTransport | None = None,
         seed: int | None = None,
         max_cursor_restarts: int = 3,
+        max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
     ) -> None:
         if not api_key or not api_key.strip():
             raise ValueError(
@@ -153,6 +160,10 @@ class RilletClient:
             raise ValueError(f"api_version {api_version} is not one of {catalog.API_VERSIONS}")
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if not (math.isfinite(max_retry_after_seconds) and max_retry_after_seconds > 0):
+            raise ValueError(
+                f"max_retry_after_seconds must be a positive number, got {max_retry_after_seconds}"
+            )
         self.base_url = resolve_base_url(base_url)
         self.api_version = api_version
         self.budget = budget
@@ -160,6 +171,7 @@ class RilletClient:
         self.lookback = lookback
         self.clock = clock or SystemClock()
         self.max_cursor_restarts = max_cursor_restarts
+        self.max_retry_after_seconds = float(max_retry_after_seconds)
         self.stats = ClientStats()
         self._rng = random.Random(seed)
         self._http = httpx.Client(
@@ -221,16 +233,30 @@ class RilletClient:
             retriable = may_retry and _is_retriable(error, idempotency_key)
             if not retriable or retries + 1 >= self.retry.max_attempts:
                 raise error
-            wait = self.retry.delay(retries, self._rng)
-            if isinstance(error, RateLimitedError):
-                wait = max(wait, error.retry_after or self.retry.rate_limited_seconds)
-                if self.budget is not None:
-                    self.budget.pause(wait)
+            wait = self._retry_wait(error, retries)
             if self.clock.time() + wait - started > self.retry.max_total_seconds:
                 raise error
             retries += 1
             self.stats.retries += 1
             self.clock.sleep(wait)
+
+    def _retry_wait(self, error: RilletError, retries: int) -> float:
+        """Seconds before the next try; after a 429 the shared budget is paused as well."""
+        backoff = self.retry.delay(retries, self._rng)
+        retry_after = error.retry_after if isinstance(error, RilletAPIError) else None
+        if retry_after is not None:
+            # Set only for 429/503 and already bounded when parsed; bounded again here because
+            # anyone can build an error with any value.
+            retry_after = min(retry_after, self.max_retry_after_seconds)
+        if isinstance(error, RateLimitedError):
+            pause = retry_after if retry_after is not None else self.retry.rate_limited_seconds
+            if self.budget is not None:
+                self.budget.pause(pause)
+            if retry_after is None:
+                # No server value: the floor is shared, the jitter is ours, so that processes
+                # released by the same pause do not all retry at the same instant.
+                return pause + backoff
+        return backoff if retry_after is None else max(backoff, retry_after)
 
     def _attempt(
         self,
@@ -265,7 +291,14 @@ class RilletClient:
         if status == 429:
             self.stats.rate_limited += 1
         if not 200 <= status < 300:
-            return error_from_response(response, method, path), None
+            error = error_from_response(
+                response,
+                method,
+                path,
+                now=self.clock.now(),
+                max_retry_after=self.max_retry_after_seconds,
+            )
+            return error, None
         if not response.content:
             return None, None
         try:
@@ -331,7 +364,7 @@ class RilletClient:
                 text
             ):
                 raise ValueError(f"{param} must be a date like 2026-01-31, got {text!r}")
-            if param.endswith("_id") and not _UUID.match(text):
+            if param.endswith("_id") and not _UUID.fullmatch(text):
                 raise ValueError(f"{param} must be a UUID, got {text!r}")
             params[param] = text
         return params
@@ -356,7 +389,7 @@ class RilletClient:
         spec = catalog.entity(entity)
         if not spec.get_by_id:
             raise ValueError(f"Rillet has no GET {spec.path}/{{id}}; list {entity} instead")
-        body = self.request("GET", f"{spec.path}/{quote(record_id, safe='')}")
+        body = self.request("GET", f"{spec.path}/{_id_segment(spec, record_id)}")
         # Rillet documents bare objects; CARBON still unwraps {"journal_entry": {...}}.
         if isinstance(body, dict) and set(body) == {spec.name}:
             body = body[spec.name]
@@ -379,9 +412,15 @@ class RilletClient:
         spec = catalog.entity(entity)
         if not spec.parent:
             raise ValueError(f"{entity} is not a per-parent list")
-        path = spec.path.replace(f"{{{spec.parent}_id}}", quote(parent_id, safe=""))
+        parent = catalog.entity(spec.parent)
+        path = spec.path.replace(f"{{{spec.parent}_id}}", _id_segment(parent, parent_id))
         body = self.request("GET", path)
-        return [_record(r, path) for r in (body or {}).get(spec.list_key or "", [])]
+        key = spec.list_key or ""
+        records = body.get(key) if isinstance(body, Mapping) else None
+        if not isinstance(records, list):
+            # Never read as "no children": the caller soft-deletes the children it did not get.
+            raise MalformedResponseError(f"Rillet GET {path}: no {key!r} list in the response")
+        return [_record(r, path) for r in records]
 
     def report(self, name: str, **params: str) -> dict[str, Any]:
         spec = catalog.report(name)
@@ -411,18 +450,39 @@ class RilletClient:
     def update(self, entity: str, record_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """PUT: a full replacement (omitted fields become null; read first, then merge)."""
         spec = self._writable(entity, "PUT")
-        path = f"{spec.path}/{quote(record_id, safe='')}"
+        path = f"{spec.path}/{_id_segment(spec, record_id)}"
         return _record(self.request("PUT", path, body=dict(body)), path)
 
     def delete(self, entity: str, record_id: str) -> None:
         spec = self._writable(entity, "DELETE")
-        self.request("DELETE", f"{spec.path}/{quote(record_id, safe='')}")
+        self.request("DELETE", f"{spec.path}/{_id_segment(spec, record_id)}")
 
     def _writable(self, entity: str, method: str) -> EntitySpec:
         spec = catalog.entity(entity)
         if method not in spec.writes:
             raise ValueError(f"{entity} does not support {method} in this client")
         return spec
+
+
+def path_segment(value: str) -> str:
+    """``value`` as one URL path segment that cannot be read as anything else.
+
+    ``quote(..., safe="")`` leaves dots alone, and httpx (like servers and proxies) removes the
+    dot segments ``.`` and ``..``: ``/customers/..`` would be sent as ``GET /``. Such segments
+    are sent with their dots percent-encoded instead; an empty one would drop the segment.
+    """
+    if not value:
+        raise ValueError("an empty path segment would address the collection, not a record")
+    if value in {".", ".."}:
+        return value.replace(".", "%2E")
+    return quote(value, safe="")
+
+
+def _id_segment(spec: EntitySpec, record_id: str) -> str:
+    """A record id checked against the catalog's id shape, then encoded for the path."""
+    if not spec.is_valid_id(record_id):
+        raise InvalidRecordIdError(spec.name, record_id)
+    return path_segment(record_id)
 
 
 def _record(body: Any, path: str) -> dict[str, Any]:

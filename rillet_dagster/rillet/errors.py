@@ -8,10 +8,19 @@ never the API key: messages are built only from the response and the request lin
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+
+# The longest ``Retry-After`` believed by default: a longer one (or a garbled one) would stall
+# every process sharing the key; it is treated as absent and the client backs off on its own.
+DEFAULT_MAX_RETRY_AFTER_SECONDS = 300.0
+# Statuses whose ``Retry-After`` means "try again later" (RFC 9110 15.6.4, RFC 6585 4).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
 class RilletError(Exception):
@@ -110,6 +119,25 @@ class CursorRestartError(RilletError):
     """A list kept restarting at page 1 (expired cursors) more often than allowed."""
 
 
+class InvalidRecordIdError(ValueError):
+    """A record id that is not the entity's id shape; refused before any request is sent.
+
+    A ``ValueError`` (the caller passed a bad argument), not a :class:`RilletError`: Rillet was
+    never asked. Webhook handling catches it to set the one bad event aside.
+    """
+
+    def __init__(self, entity: str, record_id: object) -> None:
+        self.entity = entity
+        self.record_id = record_id
+        shown = repr(record_id)
+        if len(shown) > 80:  # ids come from webhook bodies: never echo a megabyte into logs
+            shown = shown[:77] + "..."
+        super().__init__(
+            f"{entity} id {shown} does not have the shape of a Rillet id (the catalog's "
+            "id_pattern, a UUID); refused before any request"
+        )
+
+
 _BY_STATUS: dict[int, type[RilletAPIError]] = {
     400: ValidationError,
     401: AuthenticationError,
@@ -139,19 +167,54 @@ def _violations(body: Mapping[str, Any]) -> list[dict[str, str]]:
     return found
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header given in seconds (HTTP dates are ignored)."""
+def parse_retry_after(
+    value: str | None,
+    *,
+    now: datetime,
+    max_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
+
+    An HTTP-date is measured from ``now`` (the client's clock). Anything the client cannot
+    trust (unparsable, negative, non-finite, a date already past, or beyond ``max_seconds``)
+    is ``None``, exactly as if the header were absent: clamping it instead would make every
+    garbled value a maximal pause.
+    """
     if value is None:
         return None
+    text = value.strip()
     try:
-        seconds = float(value.strip())
+        seconds = float(text)
     except ValueError:
+        seconds = _seconds_until(text, now)
+    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds <= max_seconds:
         return None
-    return seconds if seconds >= 0 else None
+    return seconds
 
 
-def error_from_response(response: httpx.Response, method: str, path: str) -> RilletAPIError:
-    """The typed error for a non-2xx response, whatever its body (problem, HTML, empty, junk)."""
+def _seconds_until(http_date: str, now: datetime) -> float | None:
+    try:
+        moment = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:  # "-0000": HTTP-dates are always GMT
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - now).total_seconds()
+
+
+def error_from_response(
+    response: httpx.Response,
+    method: str,
+    path: str,
+    *,
+    now: datetime | None = None,
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+) -> RilletAPIError:
+    """The typed error for a non-2xx response, whatever its body (problem, HTML, empty, junk).
+
+    ``retry_after`` is set only for 429 and 503, from a trustworthy ``Retry-After`` (see
+    :func:`parse_retry_after`; ``now`` is the caller's clock for HTTP-dates).
+    """
     status = response.status_code
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else UnexpectedStatusError)
     body: Any = None
@@ -178,11 +241,18 @@ def error_from_response(response: httpx.Response, method: str, path: str) -> Ril
             f"Check RILLET_API_KEY: {response.request.url.host} refused the key "
             "(sandbox and production keys differ)"
         )
+    retry_after = None
+    if status in RETRY_AFTER_STATUSES:
+        retry_after = parse_retry_after(
+            response.headers.get("retry-after"),
+            now=now or datetime.now(UTC),
+            max_seconds=max_retry_after,
+        )
     return cls(
         status=status,
         method=method,
         path=path,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        retry_after=retry_after,
         hint=hint,
         **fields,
     )

@@ -21,6 +21,10 @@ A slot whose process died before releasing it counts as if its response came at 
 ``request_timeout`` and is forgotten W seconds after that, so a crash costs capacity for a while but
 never leaks it. ``request_timeout`` must therefore be at least the HTTP client's total timeout.
 
+A 429 pauses the key for every process, for at most ``max_pause_seconds``: the bound is applied
+both where a pause is stored and where it is read (a longer one already stored is cut down and
+written back), so one untrustworthy ``Retry-After`` cannot stall a deployment for years.
+
 State lives in SQLite (one host) or PostgreSQL (several hosts). Admissions for a key are
 serialized: on PostgreSQL by ``SELECT ... FOR UPDATE`` on the key's row, on SQLite by making every
 transaction ``BEGIN IMMEDIATE`` (one writer at a time, readers unaffected thanks to WAL).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -63,10 +68,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.elements import ColumnElement
 
 from rillet_dagster.clock import Clock, SystemClock
+from rillet_dagster.rillet.errors import DEFAULT_MAX_RETRY_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_SECONDS = 30.0
+# The longest pause one 429 may impose on every process using a key (the client's default
+# maximum ``Retry-After``): a larger request, or a larger stored value, is cut down to it.
+DEFAULT_MAX_PAUSE_SECONDS = DEFAULT_MAX_RETRY_AFTER_SECONDS
 PG_CONNECT_TIMEOUT_SECONDS = 10
 
 _metadata = MetaData()
@@ -226,6 +235,7 @@ class RateBudget:
         clock: Clock | None = None,
         poll_seconds: float = 0.05,
         max_wait_seconds: float = 3600.0,
+        max_pause_seconds: float = DEFAULT_MAX_PAUSE_SECONDS,
     ) -> None:
         if not api_key:
             raise ValueError("api_key is empty; the rate budget is kept per Rillet API key")
@@ -244,12 +254,15 @@ class RateBudget:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         if not max_wait_seconds >= 0:
             raise ValueError(f"max_wait_seconds must be >= 0, got {max_wait_seconds}")
+        if not (math.isfinite(max_pause_seconds) and max_pause_seconds > 0):
+            raise ValueError(f"max_pause_seconds must be finite and > 0, got {max_pause_seconds}")
         self.requests = requests
         self.window_seconds = float(window_seconds)
         self.margin = margin
         self.request_timeout = float(request_timeout)
         self.poll_seconds = float(poll_seconds)
         self.max_wait_seconds = float(max_wait_seconds)
+        self.max_pause_seconds = float(max_pause_seconds)
         self.clock: Clock = clock or SystemClock()
         self.key_hash = hashlib.sha256(api_key.encode("utf-8")).hexdigest()
         self.waited_seconds = 0.0
@@ -331,11 +344,15 @@ class RateBudget:
             self.release(slot)
 
     def pause(self, seconds: float) -> None:
-        """Stop every process from sending with this key for ``seconds`` (after a 429)."""
-        if seconds <= 0:
+        """Stop every process from sending with this key for ``seconds`` (after a 429).
+
+        At most ``max_pause_seconds``: one bad ``Retry-After`` must not stall the deployment.
+        """
+        if math.isnan(seconds) or seconds <= 0:
             return
+        seconds = min(seconds, self.max_pause_seconds)
         with self._transaction() as connection:
-            paused_until = self._lock_key(connection)
+            paused_until = self._lock_key(connection, self.clock.time())
             until = self.clock.time() + seconds
             if until > paused_until:
                 connection.execute(
@@ -390,8 +407,13 @@ class RateBudget:
             and_(slots_table.c.finished_at.is_(None), slots_table.c.timeout_at <= horizon),
         )
 
-    def _lock_key(self, connection: Connection) -> float:
-        """Take the key's lock (row lock on PostgreSQL) and return its ``paused_until``."""
+    def _lock_key(self, connection: Connection, now: float) -> float:
+        """Take the key's lock (row lock on PostgreSQL) and return its ``paused_until``.
+
+        A stored pause ending after ``now + max_pause_seconds`` (written by an older version, or
+        by a process with a larger maximum) is cut to that and written back, so that the end
+        stays put instead of sliding forward with every read.
+        """
         query = (
             select(keys_table.c.paused_until)
             .where(keys_table.c.key_hash == self.key_hash)
@@ -406,7 +428,16 @@ class RateBudget:
                 .on_conflict_do_nothing(index_elements=["key_hash"])
             )
             paused_until = connection.scalar(query)
-        return float(paused_until or 0.0)
+        paused_until = float(paused_until or 0.0)
+        latest = now + self.max_pause_seconds
+        if not paused_until <= latest:  # NaN included
+            paused_until = latest
+            connection.execute(
+                update(keys_table)
+                .where(keys_table.c.key_hash == self.key_hash)
+                .values(paused_until=paused_until)
+            )
+        return paused_until
 
     def _try_admit(self) -> tuple[int | None, float, float]:
         """One locked attempt: ``(slot, _, now)`` when admitted, else ``(None, wake_at, now)``.
@@ -418,7 +449,8 @@ class RateBudget:
         """
         window = self.window_seconds
         with self._transaction() as connection:
-            paused_until = self._lock_key(connection)
+            # The clamp uses a time read before the lock: at worst slightly stricter.
+            paused_until = self._lock_key(connection, self.clock.time())
             now = self.clock.time()  # read under the lock: admissions are ordered in time
             horizon = now - window
             connection.execute(

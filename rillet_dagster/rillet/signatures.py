@@ -38,6 +38,9 @@ EVENT_HEADER = "x-rillet-event"
 HEADERS = (SIGNATURE_HEADER, TIMESTAMP_HEADER, ID_HEADER, ENTITY_HEADER, EVENT_HEADER)
 
 MAX_SIGNATURES = 10
+# What a receiver demands of a token: an HMAC key of a few bytes can be guessed offline from one
+# captured delivery; 16 bytes (128 bits) cannot.
+MIN_TOKEN_BYTES = 16
 MAX_NAME_LENGTH = 64
 # 10 signatures of 44 characters plus separators and some optional whitespace; anything longer is
 # refused before it is split, so a 1 MB header costs one length check.
@@ -55,6 +58,10 @@ _RFC3339 = re.compile(
 # hex, URL-safe or whitespace-broken variants never match.
 _SIGNATURE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=?")
 _TOKEN = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+# Accepted event times stay a day inside datetime's range, so that neither the conversion to UTC
+# nor a later one to any zone (a PostgreSQL session's, say) can overflow.
+EARLIEST_TIMESTAMP = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
+LATEST_TIMESTAMP = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
 
 
 class WebhookHeaderError(ValueError):
@@ -86,9 +93,10 @@ class WebhookHeaders:
     event: str
 
 
-def decode_token(token: str) -> bytes:
+def decode_token(token: str, *, min_bytes: int = 1) -> bytes:
     """The HMAC key of a webhook token: standard base64, padding optional.
 
+    A receiver passes ``min_bytes=MIN_TOKEN_BYTES``; signing tools take any non-empty key.
     Raises ``ValueError`` with a message that never contains the token.
     """
     text = token.strip()
@@ -103,12 +111,19 @@ def decode_token(token: str) -> bytes:
         raise ValueError("not valid base64") from None
     if not key:
         raise ValueError("decodes to an empty key")
+    if len(key) < min_bytes:
+        raise ValueError(f"decodes to {len(key)} bytes; at least {min_bytes} are required")
     return key
+
+
+def signed_prefix(timestamp: str, event_id: str, entity: str, event: str) -> bytes:
+    """What Rillet signs before the body."""
+    return f"{timestamp}.{event_id}.{entity}.{event}.".encode()
 
 
 def signed_message(timestamp: str, event_id: str, entity: str, event: str, body: bytes) -> bytes:
     """The bytes Rillet signs; ``body`` is the raw request body, never re-serialised JSON."""
-    return f"{timestamp}.{event_id}.{entity}.{event}.".encode() + body
+    return signed_prefix(timestamp, event_id, entity, event) + body
 
 
 def compute_mac(key: bytes, message: bytes) -> bytes:
@@ -118,7 +133,8 @@ def compute_mac(key: bytes, message: bytes) -> bytes:
 def parse_timestamp(value: str) -> datetime:
     """A strict RFC 3339 timestamp (``T`` and ``Z`` upper-case, up to 9 fraction digits), in UTC.
 
-    Raises ``ValueError`` for anything else, including impossible dates.
+    Raises ``ValueError`` for anything else, including impossible dates and instants outside
+    :data:`EARLIEST_TIMESTAMP` .. :data:`LATEST_TIMESTAMP`.
     """
     match = _RFC3339.fullmatch(value)
     if match is None:
@@ -133,7 +149,14 @@ def parse_timestamp(value: str) -> datetime:
             raise ValueError("impossible UTC offset")
         offset = timedelta(hours=hours, minutes=minutes) * (1 if zone[0] == "+" else -1)
     moment = datetime(year, month, day, hour, minute, second, int(fraction), tzinfo=UTC)
-    return moment - offset
+    out_of_range = "out of range (years 0001 to 9999, less a day at either end)"
+    try:
+        moment -= offset
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 lies before year 1 in UTC
+        raise ValueError(out_of_range) from None
+    if not EARLIEST_TIMESTAMP <= moment <= LATEST_TIMESTAMP:
+        raise ValueError(out_of_range)
+    return moment
 
 
 def parse_signature_header(value: str) -> tuple[bytes, ...]:
@@ -201,12 +224,13 @@ def verify(headers: WebhookHeaders, body: bytes, keys: Sequence[bytes]) -> bool:
     Every (key, candidate) pair is compared, with :func:`hmac.compare_digest`, even after a
     match, so the time taken does not depend on which pair matched.
     """
-    message = signed_message(
-        headers.timestamp, headers.event_id, headers.entity, headers.event, body
-    )
+    prefix = signed_prefix(headers.timestamp, headers.event_id, headers.entity, headers.event)
     matched = False
     for key in keys:
-        expected = compute_mac(key, message)
+        # Fed in two parts: prefix + body would copy a body of up to a megabyte per key.
+        mac = hmac.new(key, prefix, hashlib.sha256)
+        mac.update(body)
+        expected = mac.digest()
         for candidate in headers.signatures:
             matched |= hmac.compare_digest(expected, candidate)
     return matched

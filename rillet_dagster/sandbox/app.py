@@ -1,7 +1,8 @@
 """The simulator's HTTP surface: Rillet's API as ``shared/rillet-api.md`` models it.
 
 Every request passes, in order: the sandbox admin routes (``/_sandbox/...``, outside Rillet's
-surface, no key needed), inbound latency (a fault), bearer authentication (401), the rolling
+surface, no key needed, but refusing what a web page in the user's browser could send: other
+origins and non-JSON bodies), inbound latency (a fault), bearer authentication (401), the rolling
 rate limit counted at arrival (429), the API version header (400), injected server errors, and
 then the route. Routes are generated from the catalog: one list route per entity, a by-id route
 where Rillet has one, the report routes, and the write routes of :mod:`writes`.
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -49,6 +51,11 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 # The reporting view of journal entries is served from the journal-entry records themselves.
 _VIEW_OF = {"reporting_journal_entry": "journal_entry"}
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sec-Fetch-Site values of a request a page from another origin made ("same-site" includes
+# another port of the same host, e.g. any local dev server).
+_FOREIGN_FETCH_SITES = frozenset({"cross-site", "same-site"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass
@@ -113,6 +120,11 @@ class Sandbox:
                 await router(scope, receive, send)
                 return
             path: str = scope["path"]
+            if path.startswith("/_sandbox"):
+                refused = _admin_guard(Request(scope))
+                if refused is not None:
+                    await refused(scope, receive, send)
+                    return
             if path.startswith("/_sandbox") or path == "/health":
                 await router(scope, receive, send)
                 return
@@ -522,6 +534,52 @@ class Sandbox:
 
 
 _ENTITY_BY_TABLE = {catalog.plural(spec.name): spec.name for spec in catalog.ENTITIES}
+
+
+def _admin_guard(request: Request) -> Response | None:
+    """Refuse an admin request with a side effect that a web page could have made.
+
+    The admin routes need no key, so a page open in the user's browser could POST to them (a
+    ``text/plain`` POST needs no CORS preflight) to register a webhook to any URL or reset the
+    sandbox. Browsers say where a request comes from (``Origin``, ``Sec-Fetch-Site``); scripts
+    and the CLI send neither, and send their bodies as JSON.
+    """
+    if request.method in _SAFE_METHODS:
+        return None
+    origin = request.headers.get("origin")
+    fetch_site = request.headers.get("sec-fetch-site", "").strip().lower()
+    if fetch_site in _FOREIGN_FETCH_SITES or (
+        origin is not None and not _same_origin(origin, request)
+    ):
+        return problem(
+            403,
+            "Sandbox admin routes refuse requests from other origins (a web page cannot change "
+            "the sandbox); call them from a script or curl.",
+        )
+    content_type = request.headers.get("content-type")
+    length = request.headers.get("content-length", "0").strip()
+    has_body = length != "0" or "transfer-encoding" in request.headers
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if (has_body or content_type is not None) and media_type != JSON:
+        return problem(415, "Send sandbox admin request bodies as application/json.")
+    return None
+
+
+def _same_origin(origin: str, request: Request) -> bool:
+    """``origin`` is the sandbox's own: scheme, host and port of the URL this request went to."""
+    try:
+        theirs = urlsplit(origin.strip())
+        their_port = theirs.port or _DEFAULT_PORTS.get(theirs.scheme.lower())
+    except ValueError:  # a malformed port
+        return False
+    ours = request.url
+    our_port = ours.port or _DEFAULT_PORTS.get(ours.scheme)
+    return (
+        bool(theirs.hostname)
+        and theirs.scheme.lower() == ours.scheme
+        and theirs.hostname == (ours.hostname or "").lower()
+        and their_port == our_port
+    )
 
 
 def _key_label(key: str) -> str:

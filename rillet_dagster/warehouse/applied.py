@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import Column, Connection, MetaData, String, Table, select
+from sqlalchemy import Column, Connection, MetaData, String, Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from rillet_dagster.warehouse.types import UtcDateTime
@@ -64,3 +64,16 @@ def record_applied(
         return
     insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     connection.execute(insert(applied_events).on_conflict_do_nothing(), rows)
+
+
+def purge_applied(connection: Connection, older_than: datetime) -> int:
+    """Forget events applied before ``older_than``; returns how many rows went.
+
+    A row is only needed while its queue row may still say ``pending`` (a run that died
+    between the two commits); the next run settles that within minutes, so days of retention
+    are ample.
+    """
+    result = connection.execute(
+        delete(applied_events).where(applied_events.c.applied_at < older_than)
+    )
+    return result.rowcount

@@ -9,11 +9,16 @@ can never be overwritten by an older version.
 A record's "version time" is its ``updated_at``; for entities without one it is the caller's
 ``synced_at``, which should therefore be the time the records were read (the request start),
 not the time the load finishes.
+
+The monotonic rule protects against out-of-order webhooks, not against Rillet: a pass over
+Rillet's list loads ``authoritative=True`` and replaces any row whose content differs, whatever
+its stored ``updated_at`` (a webhook body stamped 2099 would otherwise pin the row for good).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -57,7 +62,15 @@ if TYPE_CHECKING:
 from rillet_dagster import catalog
 from rillet_dagster.catalog import ChildSpec, EntitySpec
 from rillet_dagster.clock import parse_timestamp
-from rillet_dagster.rillet.money import is_currency_code, to_decimal
+from rillet_dagster.rillet.money import (
+    MAX_FRACTION_DIGITS,
+    MAX_WHOLE_DIGITS,
+    MoneyError,
+    bounded,
+    is_currency_code,
+    shown,
+    to_decimal,
+)
 from rillet_dagster.warehouse import schema
 from rillet_dagster.warehouse.schema import (
     WATERMARKS_TABLE,
@@ -92,7 +105,10 @@ class RecordSchemaError(ValueError):
         self.entity = entity
         self.record_id = record_id
         self.field = field
-        super().__init__(f"{entity} record {record_id!r}: field {field!r} {problem}")
+        if len(problem) > 300:  # a parser's message may quote a whole value
+            problem = problem[:280] + "... (cut)"
+        # shown(): the message is logged and stored; a megabyte-long id must not make it so.
+        super().__init__(f"{entity} record {shown(record_id)}: field {shown(field, 200)} {problem}")
 
 
 @dataclass
@@ -217,9 +233,26 @@ def _spec(entity: EntitySpec | str) -> EntitySpec:
 
 # ----------------------------------------------------------------------------- extraction
 
-# A plain decimal string is already its own canonical text (what ExactDecimal stores); anything
-# else ("1E+2", "007") goes through Decimal and comes out canonical.
-_PLAIN_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+# A plain decimal string within money.bounded() is already its own canonical text (what
+# ExactDecimal stores); anything else ("1E+2", "007", 60 digits) goes through Decimal and comes
+# out canonical, or is refused. Bounding the repeats costs the fast path nothing.
+_PLAIN_DECIMAL = re.compile(
+    rf"-?(?:0|[1-9][0-9]{{0,{MAX_WHOLE_DIGITS - 1}}})(?:\.[0-9]{{1,{MAX_FRACTION_DIGITS}}})?"
+)
+# An int with at most MAX_WHOLE_DIGITS digits: one comparison, no conversion.
+_DECIMAL_INT_LIMIT = 10**MAX_WHOLE_DIGITS
+
+# What an INTEGER column holds: PostgreSQL's integer is 32 bits. SQLite's would take 64, but a
+# record must load (or be refused) alike on both; payment terms and month counts are small.
+_INT_MIN = -(2**31)
+_INT_MAX = 2**31 - 1
+
+# Ids name rows and, in the client, URL path segments (GET /invoices/{id}): "." and "..", a "/"
+# or a control character there would address another resource. Rillet's ids are UUIDs (36
+# characters); 255 admits any plausible id scheme while bounding what becomes a key.
+_MAX_ID_LENGTH = 255
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Child arrays are serialized once, line by line, and spliced into the parent's JSON text in
 # place of this marker; the random part keeps real data from ever matching it.
@@ -238,7 +271,7 @@ def _descend(value: Any, rest: tuple[str, ...]) -> Any:
 
 
 def _decimal_text(value: Any) -> str:
-    if type(value) is int:
+    if type(value) is int and -_DECIMAL_INT_LIMIT < value < _DECIMAL_INT_LIMIT:
         return str(value)
     if type(value) is str and _PLAIN_DECIMAL.fullmatch(value):
         return value
@@ -283,13 +316,23 @@ def _boolean(value: Any) -> bool:
 
 
 def _integer(value: Any) -> int:
+    """An INTEGER column's value; the range is checked before any conversion, so that
+    ``1e300000000`` never becomes a 300-million-digit int."""
     if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
         raise TypeError(f"is a {type(value).__name__}, not an integer")
-    if type(value) is int:
-        return value
-    number = Decimal(value)
-    if not number.is_finite() or number != number.to_integral_value():
-        raise ValueError(f"{value!r} is not a whole number")
+    if isinstance(value, int):
+        number: int | Decimal = value
+    else:
+        try:
+            number = Decimal(value)
+        except ArithmeticError:
+            raise ValueError(f"{shown(value)} is not a whole number") from None
+        if not number.is_finite() or number != number.to_integral_value():
+            raise ValueError(f"{shown(value)} is not a whole number")
+    if not _INT_MIN <= number <= _INT_MAX:
+        raise ValueError(
+            f"{shown(value)} is out of an integer column's range ({_INT_MIN} to {_INT_MAX})"
+        )
     return int(number)
 
 
@@ -333,7 +376,8 @@ _CONVERSIONS: dict[str, str] = {
     FieldKind.DATE: "{v} = _date({v})",
     FieldKind.TIMESTAMP: "{v} = _timestamp_text({v})",
     FieldKind.BOOLEAN: "{v} = TRUE if _boolean({v}) else FALSE",
-    FieldKind.INTEGER: "if type({v}) is not int: {v} = _integer({v})",
+    FieldKind.INTEGER: "if type({v}) is not int or not _INT_MIN <= {v} <= _INT_MAX: "
+    "{v} = _integer({v})",
     FieldKind.DECIMAL: "{v} = _decimal_text({v})",
 }
 
@@ -417,6 +461,8 @@ def _compile_row(
         "_timestamp_text": _timestamp_text,
         "_boolean": _boolean,
         "_integer": _integer,
+        "_INT_MIN": _INT_MIN,
+        "_INT_MAX": _INT_MAX,
         "_decimal_text": _decimal_text,
         "_descend": _descend,
         "_money": _money,
@@ -455,6 +501,19 @@ class _Extractor:
         record_id = record.get("id")
         if type(record_id) is not str or not record_id:
             raise RecordSchemaError(self.entity, record_id, "id", "must be a non-empty string")
+        if (
+            len(record_id) > _MAX_ID_LENGTH
+            or not record_id.isprintable()  # control characters, NUL, lone surrogates
+            or "/" in record_id
+            or record_id in (".", "..")
+        ):
+            raise RecordSchemaError(
+                self.entity,
+                record_id,
+                "id",
+                f"must be at most {_MAX_ID_LENGTH} printable characters, without '/', "
+                "and not '.' or '..'",
+            )
         for first, rest in self.required:
             value = record.get(first)
             if value is None or (rest and _descend(value, rest) is None):
@@ -473,9 +532,21 @@ class _Extractor:
                 raise RecordSchemaError(self.entity, record_id, "updated_at", str(error)) from None
         children, child_texts = self._children(record, record_id)
         text = self._json(record, record_id, child_texts)
+        try:
+            encoded = text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate ("\ud800" in JSON, which json.loads accepts): not Unicode text,
+            # so no driver can store it. The record's text holds every value of every column
+            # and line, so this one encode (needed for the hash anyway) checks them all.
+            raise RecordSchemaError(
+                self.entity,
+                record_id,
+                _find(record, "", _has_surrogate) or "",
+                "contains a lone UTF-16 surrogate, which is not Unicode text and cannot be stored",
+            ) from None
         # SHA-256 runs in hardware on current CPUs (faster than blake2 here); 128 bits is plenty
         # to tell two versions of one record apart.
-        record_hash = hashlib.sha256(text.encode()).hexdigest()[:32]
+        record_hash = hashlib.sha256(encoded).hexdigest()[:32]
         values = (
             record_id,
             *columns,
@@ -528,7 +599,12 @@ class _Extractor:
             except _FieldError as error:
                 where = f"{field}[{index}].{error.field}"
                 raise RecordSchemaError(self.entity, record_id, where, error.problem) from None
-            except (TypeError, ValueError, RecursionError) as error:
+            except (TypeError, ValueError) as error:
+                where = _find(line, f"{field}[{index}]", _unwritable) or f"{field}[{index}]"
+                raise RecordSchemaError(
+                    self.entity, record_id, where, f"is not JSON: {error}"
+                ) from None
+            except RecursionError as error:
                 raise RecordSchemaError(
                     self.entity, record_id, f"{field}[{index}]", f"is not JSON: {error}"
                 ) from None
@@ -553,13 +629,18 @@ class _Extractor:
                         text = text.replace(marker_json, "[" + ",".join(texts) + "]", 1)
             else:
                 text = dumps(record)
-        except (TypeError, ValueError, RecursionError) as error:
+        except (TypeError, ValueError) as error:
+            where = _find(record, "", _unwritable) or ""
+            raise RecordSchemaError(
+                self.entity, record_id, where, f"is not JSON: {error}"
+            ) from None
+        except RecursionError as error:
             raise RecordSchemaError(self.entity, record_id, "", f"is not JSON: {error}") from None
         # PostgreSQL text and jsonb cannot hold U+0000; refuse it by name rather than let the
         # driver fail with a message that does not say which record. The substring test also
         # matches an escaped backslash followed by "u0000", hence the exact search after it.
         if self.postgres and "\\u0000" in text:
-            path = _find_nul(record, "")
+            path = _find(record, "", _has_nul)
             if path is not None:
                 raise RecordSchemaError(
                     self.entity,
@@ -589,31 +670,78 @@ def _line_key(line: Mapping[str, Any], key_field: str, seen: set[str]) -> str:
     return key
 
 
-def _find_nul(value: Any, path: str) -> str | None:
-    if isinstance(value, str):
-        return path if "\x00" in value else None
+def _find(value: Any, path: str, bad: Callable[[Any], bool]) -> str | None:
+    """The path (``items[1].description``) of the first value or object key ``bad`` flags.
+
+    Only run once a record is known to be refused: it walks the whole record.
+    """
     if isinstance(value, Mapping):
         for key, item in value.items():
-            here = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key):
+            here = _join(path, key)
+            if bad(key):
                 return here
-            found = _find_nul(item, here)
+            found = _find(item, here, bad)
             if found is not None:
                 return found
-    elif isinstance(value, list | tuple):
+        return None
+    if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = _find_nul(item, f"{path}[{index}]")
+            found = _find(item, f"{path}[{index}]", bad)
             if found is not None:
                 return found
-    return None
+        return None
+    return path if bad(value) else None
+
+
+def _join(path: str, key: object) -> str:
+    # The path goes into error messages and quarantine rows: a key that is not printable text
+    # (NUL, a lone surrogate) is written as escapes.
+    text = str(key)
+    if not text.isprintable():
+        text = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return f"{path}.{text}" if path else text
+
+
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def _has_surrogate(value: Any) -> bool:
+    return isinstance(value, str) and _SURROGATE.search(value) is not None
+
+
+def _unwritable(value: Any) -> bool:
+    """What :func:`dumps` refuses: a number out of bounds, NaN or infinity, a non-JSON type."""
+    if isinstance(value, Decimal):
+        try:
+            bounded(value)
+        except MoneyError:
+            return True
+        return False
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return not (value is None or isinstance(value, str | int))
 
 
 # ----------------------------------------------------------------------------- statements
 
 
-def _may_replace(table: Table, new: Any) -> ColumnElement[bool]:
-    """The monotonic rule, as the WHERE of ``ON CONFLICT DO UPDATE`` (``new`` = ``excluded``)."""
+def _may_replace(table: Table, new: Any, *, authoritative: bool) -> ColumnElement[bool]:
+    """The WHERE of ``ON CONFLICT DO UPDATE`` (``new`` = ``excluded``): the same rules as
+    :func:`_verdict`, monotonic or authoritative."""
     stored = table.c
+    unchanged = and_(
+        stored.deleted_at.is_(None),
+        stored.updated_at.is_not_distinct_from(new.updated_at),
+        stored._record_hash == new._record_hash,
+    )
+    if authoritative:
+        return and_(
+            # Rillet listed the record live when the read started (_synced_at): a tombstone
+            # from before that is wrong; one from after may be a deletion since, and stays.
+            or_(stored.deleted_at.is_(None), new._synced_at > stored.deleted_at),
+            not_(unchanged),
+        )
     return and_(
         # Never older than what is stored (no updated_at on either side: replace).
         or_(
@@ -627,13 +755,7 @@ def _may_replace(table: Table, new: Any) -> ColumnElement[bool]:
             _version_time(new.updated_at, new._synced_at) > stored.deleted_at,
         ),
         # An identical re-delivery is left alone (its load metadata included).
-        not_(
-            and_(
-                stored.deleted_at.is_(None),
-                stored.updated_at.is_not_distinct_from(new.updated_at),
-                stored._record_hash == new._record_hash,
-            )
-        ),
+        not_(unchanged),
     )
 
 
@@ -684,6 +806,7 @@ def upsert_records(
     run_id: str,
     synced_at: datetime,
     batch_size: int = 5000,
+    authoritative: bool = False,
 ) -> UpsertResult:
     """Write records (and their line items) monotonically, all or nothing.
 
@@ -697,6 +820,13 @@ def upsert_records(
         synced_at: when the records were read (aware); stored in ``_synced_at`` and used as the
             version time of records without ``updated_at``.
         batch_size: records per round trip.
+        authoritative: the records are Rillet's current list (a sync pass), not webhook
+            bodies: a stored row whose content differs is replaced even if its ``updated_at``
+            is newer, and a tombstone older than ``synced_at`` is lifted (Rillet lists the
+            record live). A tombstone newer than ``synced_at`` stays: the record may have been
+            deleted after the list was read. A newer live row has no such test: a webhook
+            applied after the read is undone here, and the next incremental pass, which lists
+            it again, restores it; a pin (a body stamped 2099) otherwise never goes.
 
     Returns:
         Counts of inserted, updated, unchanged and skipped (older) records and child rows.
@@ -716,13 +846,22 @@ def upsert_records(
         extractor = _Extractor(
             plan, postgres=postgres, run_id=run_id, synced_at=synced_at.astimezone(UTC)
         )
-        writer: _Writer = _PostgresWriter(conn, plan) if postgres else _SQLiteWriter(conn, plan)
+        writer: _Writer = (
+            _PostgresWriter(conn, plan, authoritative)
+            if postgres
+            else _SQLiteWriter(conn, plan, authoritative)
+        )
         for batch in batches(records, batch_size):
             entries = _dedupe(extractor, batch, result)
             stored = _stored(conn, plan.table, list(entries))
             to_write: list[_Entry] = []
             for entry in entries.values():
-                verdict = _verdict(entry, stored.get(entry.record_id), extractor.synced_at)
+                verdict = _verdict(
+                    entry,
+                    stored.get(entry.record_id),
+                    extractor.synced_at,
+                    authoritative=authoritative,
+                )
                 if verdict == "unchanged":
                     result.unchanged += 1
                 elif verdict == "skip":
@@ -768,9 +907,10 @@ def _stored(conn: Connection, table: Table, ids: list[str]) -> dict[str, tuple[A
 class _Writer(ABC):
     """Writes one batch of validated entries; one subclass per backend."""
 
-    def __init__(self, conn: Connection, plan: _Plan) -> None:
+    def __init__(self, conn: Connection, plan: _Plan, authoritative: bool) -> None:
         self.conn = conn
         self.plan = plan
+        self.authoritative = authoritative
 
     @abstractmethod
     def upsert(
@@ -800,17 +940,17 @@ class _Writer(ABC):
 
 
 # Compiling the upsert costs ~2 ms: negligible for a bulk load, most of a small webhook batch.
-_SQLITE_STATEMENTS: dict[Table, tuple[str, list[str]]] = {}
+_SQLITE_STATEMENTS: dict[tuple[Table, bool], tuple[str, list[str]]] = {}
 
 
-def _sqlite_statements(plan: _Plan, dialect: Any) -> tuple[str, list[str]]:
-    cached = _SQLITE_STATEMENTS.get(plan.table)
+def _sqlite_statements(plan: _Plan, dialect: Any, authoritative: bool) -> tuple[str, list[str]]:
+    cached = _SQLITE_STATEMENTS.get((plan.table, authoritative))
     if cached is None:
         statement = sqlite.insert(plan.table)
         statement = statement.on_conflict_do_update(
             index_elements=[plan.table.c.id],
             set_=_set_all(plan.table, statement.excluded),
-            where=_may_replace(plan.table, statement.excluded),
+            where=_may_replace(plan.table, statement.excluded, authoritative=authoritative),
         )
         cached = (
             _sqlite_sql(statement, dialect, plan.table),
@@ -819,16 +959,16 @@ def _sqlite_statements(plan: _Plan, dialect: Any) -> tuple[str, list[str]]:
                 for child in plan.children
             ],
         )
-        _SQLITE_STATEMENTS[plan.table] = cached
+        _SQLITE_STATEMENTS[plan.table, authoritative] = cached
     return cached
 
 
 class _SQLiteWriter(_Writer):
     """``executemany`` of prepared driver values: sqlite3 binds them in C."""
 
-    def __init__(self, conn: Connection, plan: _Plan) -> None:
-        super().__init__(conn, plan)
-        self.upsert_sql, self.line_sql = _sqlite_statements(plan, conn.dialect)
+    def __init__(self, conn: Connection, plan: _Plan, authoritative: bool) -> None:
+        super().__init__(conn, plan, authoritative)
+        self.upsert_sql, self.line_sql = _sqlite_statements(plan, conn.dialect, authoritative)
 
     def upsert(
         self, entries: list[_Entry], stored: Mapping[str, Any]
@@ -851,8 +991,8 @@ class _SQLiteWriter(_Writer):
 class _PostgresWriter(_Writer):
     """``COPY`` into a temporary stage, then one set-based ``INSERT ... ON CONFLICT``."""
 
-    def __init__(self, conn: Connection, plan: _Plan) -> None:
-        super().__init__(conn, plan)
+    def __init__(self, conn: Connection, plan: _Plan, authoritative: bool) -> None:
+        super().__init__(conn, plan, authoritative)
         table = plan.table
         preparer = conn.dialect.identifier_preparer
         self.stage = Table(
@@ -869,7 +1009,7 @@ class _PostgresWriter(_Writer):
         self.upsert_statement = statement.on_conflict_do_update(
             index_elements=[table.c.id],
             set_=_set_all(table, statement.excluded),
-            where=_may_replace(table, statement.excluded),
+            where=_may_replace(table, statement.excluded, authoritative=authoritative),
         ).returning(
             table.c.id,
             # xmax = 0 on a freshly inserted tuple: tells an insert from an update.
@@ -947,12 +1087,24 @@ def _older(candidate: datetime | None, than: datetime | None) -> bool:
     return candidate is not None and than is not None and candidate < than
 
 
-def _verdict(entry: _Entry, stored: tuple[Any, Any, Any] | None, synced_at: datetime) -> str:
+def _verdict(
+    entry: _Entry,
+    stored: tuple[Any, Any, Any] | None,
+    synced_at: datetime,
+    *,
+    authoritative: bool,
+) -> str:
     """``write``, ``unchanged`` or ``skip``: the same rules as the statement's WHERE clause."""
     if stored is None:
         return "write"
     stored_updated, stored_deleted, stored_hash = stored
     updated_at = entry.updated_at
+    if authoritative:
+        if stored_deleted is not None:
+            return "write" if synced_at > stored_deleted else "skip"
+        if stored_updated == updated_at and stored_hash == entry.record_hash:
+            return "unchanged"
+        return "write"
     if _older(updated_at, stored_updated):
         return "skip"
     if stored_deleted is not None:

@@ -13,6 +13,14 @@ Statuses:
         inspection, never applied (``error`` says why).
     ``unknown``: validly signed for an entity/event pair the catalog does not know (Rillet added
         one); acknowledged as Rillet requires, kept, not applied.
+    ``quarantined``: could not be applied, neither from its body nor from Rillet's current
+        version of its record (``error`` says why); set aside so that every other event
+        applies, kept until ``rillet-dagster events requeue`` or ``discard``.
+    ``discarded``: a quarantined event an operator gave up on (``applied_at`` holds when).
+
+Retention: :func:`purge_settled` deletes applied and discarded events after an age (the
+``purge_webhook_events`` schedule); pending, quarantined, poison and unknown rows stay until an
+operator acts on them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     event,
     func,
     select,
@@ -46,8 +55,19 @@ from rillet_dagster.warehouse.types import UtcDateTime
 
 WEBHOOK_EVENTS_TABLE = "rillet_webhook_events"
 
-EventStatus = Literal["pending", "applied", "poison", "unknown"]
-STATUSES: tuple[EventStatus, ...] = ("pending", "applied", "poison", "unknown")
+EventStatus = Literal["pending", "applied", "poison", "unknown", "quarantined", "discarded"]
+STATUSES: tuple[EventStatus, ...] = (
+    "pending",
+    "applied",
+    "poison",
+    "unknown",
+    "quarantined",
+    "discarded",
+)
+# What an operator may requeue or discard.
+SET_ASIDE: tuple[EventStatus, ...] = ("quarantined", "poison", "unknown")
+# The event name of a record that a sync pass read from Rillet but could not store.
+SYNC_REFUSED = "SYNC_REFUSED"
 
 STATE_METADATA = MetaData()
 
@@ -367,3 +387,122 @@ def ids_present(connection: Connection, ids: Sequence[str]) -> set[str]:
             ).scalars()
         )
     return found
+
+
+def quarantine(connection: Connection, event_id: str, error: str) -> int:
+    """Set a pending event aside with its error; the others go on without it."""
+    result = connection.execute(
+        update(webhook_events)
+        .where(webhook_events.c.id == event_id.lower(), webhook_events.c.status == "pending")
+        .values(status="quarantined", attempts=webhook_events.c.attempts + 1, error=error[:4000])
+    )
+    return result.rowcount
+
+
+@dataclass(frozen=True)
+class QuarantineSummary:
+    count: int
+    first_error: str
+    first_event_id: str
+
+
+def quarantine_summary(connection: Connection) -> dict[str, QuarantineSummary]:
+    """Per canonical entity: how many events are quarantined and the oldest one's error."""
+    counts = dict(
+        connection.execute(
+            select(webhook_events.c.entity, func.count())
+            .where(webhook_events.c.status == "quarantined")
+            .group_by(webhook_events.c.entity)
+        ).all()
+    )
+    summaries = {}
+    for entity, count in counts.items():
+        first = connection.execute(
+            select(webhook_events.c.id, webhook_events.c.error)
+            .where(webhook_events.c.status == "quarantined", webhook_events.c.entity == entity)
+            .order_by(webhook_events.c.received_at, webhook_events.c.id)
+            .limit(1)
+        ).one()
+        summaries[entity] = QuarantineSummary(int(count), first.error or "", first.id)
+    return summaries
+
+
+def set_aside_events(
+    connection: Connection,
+    *,
+    entity: str | None = None,
+    statuses: Sequence[EventStatus] = ("quarantined",),
+    limit: int = 1000,
+) -> list[QueuedEvent]:
+    """Quarantined (or other set-aside) events, oldest first, optionally of one entity."""
+    query = select(webhook_events).where(webhook_events.c.status.in_(list(statuses)))
+    if entity is not None:
+        query = query.where(webhook_events.c.entity == canonical_name(entity))
+    query = query.order_by(webhook_events.c.received_at, webhook_events.c.id).limit(limit)
+    return [_row(row) for row in connection.execute(query)]
+
+
+def _set_aside_where(
+    ids: Sequence[str] | None, entity: str | None, statuses: Sequence[EventStatus]
+) -> Any:
+    unknown = set(statuses) - set(SET_ASIDE)
+    if unknown:
+        raise ValueError(f"only {', '.join(SET_ASIDE)} events can be requeued or discarded")
+    condition = webhook_events.c.status.in_(list(statuses))
+    if ids is not None:
+        condition = condition & webhook_events.c.id.in_([i.lower() for i in ids])
+    if entity is not None:
+        condition = condition & (webhook_events.c.entity == canonical_name(entity))
+    return condition
+
+
+def requeue(
+    connection: Connection,
+    *,
+    ids: Sequence[str] | None = None,
+    entity: str | None = None,
+    statuses: Sequence[EventStatus] = ("quarantined",),
+) -> tuple[int, int]:
+    """Make set-aside events pending again (attempts and error cleared).
+
+    A record that a sync pass could not store has no event to replay: its row is removed, and
+    the next full pass reads the record again. Returns ``(requeued, removed)``.
+    """
+    where = _set_aside_where(ids, entity, statuses)
+    removed = connection.execute(
+        delete(webhook_events).where(where, webhook_events.c.event == SYNC_REFUSED)
+    ).rowcount
+    requeued = connection.execute(
+        update(webhook_events)
+        .where(where)
+        .values(status="pending", attempts=0, error=None, applied_at=None, run_id=None)
+    ).rowcount
+    return requeued, removed
+
+
+def discard(
+    connection: Connection,
+    *,
+    ids: Sequence[str] | None = None,
+    entity: str | None = None,
+    statuses: Sequence[EventStatus] = ("quarantined",),
+    at: datetime | None = None,
+) -> int:
+    """Give up on set-aside events: ``discarded``, purged with the applied ones later."""
+    result = connection.execute(
+        update(webhook_events)
+        .where(_set_aside_where(ids, entity, statuses))
+        .values(status="discarded", applied_at=at or datetime.now(UTC))
+    )
+    return result.rowcount
+
+
+def purge_settled(connection: Connection, older_than: datetime) -> int:
+    """Delete applied and discarded events settled before ``older_than``; returns how many."""
+    result = connection.execute(
+        delete(webhook_events).where(
+            webhook_events.c.status.in_(["applied", "discarded"]),
+            webhook_events.c.applied_at < older_than,
+        )
+    )
+    return result.rowcount

@@ -10,6 +10,10 @@
 JSON text is written by :func:`dumps` and read by :func:`loads`: a ``Decimal`` inside a record (a
 JSON number parsed with ``parse_float=Decimal``) is written as its exact digits and read back as a
 ``Decimal``, never through a float.
+
+Every Decimal written out (a column value or a number in JSON) is first checked by
+:func:`~rillet_dagster.rillet.money.bounded`: its plain text is at most ~100 characters, so
+memory follows the input's bytes, never a number's magnitude (``1e300000000`` is 13 bytes).
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from functools import partial
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Dialect, Text
 from sqlalchemy.dialects.postgresql import JSONB, NUMERIC
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from rillet_dagster.rillet.money import bounded, shown
+
 
 def to_exact_decimal(value: object) -> Decimal:
-    """A finite ``Decimal`` from a Decimal, int or decimal string; a float (or bool) is refused."""
+    """A finite ``Decimal`` from a Decimal, int or decimal string; a float (or bool) is refused.
+
+    Raises:
+        TypeError: a float, bool or non-number.
+        ValueError: not a finite number, or outside :func:`~rillet_dagster.rillet.money.bounded`.
+    """
     if isinstance(value, Decimal):
         result = value
     elif isinstance(value, bool | float):
@@ -38,14 +48,14 @@ def to_exact_decimal(value: object) -> Decimal:
         )
     elif isinstance(value, int | str):
         try:
-            result = Decimal(str(value))
+            result = Decimal(value)
         except InvalidOperation:
-            raise ValueError(f"{value!r} is not a decimal number") from None
+            raise ValueError(f"{shown(value)} is not a decimal number") from None
     else:
-        raise TypeError(f"{value!r} is a {type(value).__name__}, not a decimal number")
+        raise TypeError(f"{shown(value)} is a {type(value).__name__}, not a decimal number")
     if not result.is_finite():
-        raise ValueError(f"{value!r} is not a finite decimal number")
-    return result
+        raise ValueError(f"{shown(value)} is not a finite decimal number")
+    return bounded(result)
 
 
 def decimal_text(value: Decimal) -> str:
@@ -182,7 +192,7 @@ def _exact_parts(value: Any, out: list[str]) -> None:
     elif isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError(f"{value!r} cannot be written as JSON")
-        out.append(decimal_text(value))
+        out.append(decimal_text(bounded(value)))
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{value!r} cannot be written as JSON")
@@ -214,6 +224,12 @@ def dumps(value: Any) -> str:
 
     The C encoder handles the usual record (amounts are strings in the API) and bails out on the
     first Decimal; only then does the slower exact encoder run.
+
+    Raises:
+        ValueError: a Decimal outside :func:`~rillet_dagster.rillet.money.bounded` (written in
+            full it could take gigabytes; PostgreSQL's jsonb could not hold it, and Python could
+            not read its digits back), or a NaN or infinity.
+        TypeError: a value that is not JSON.
     """
     try:
         return _fast_dumps(value)
@@ -223,5 +239,23 @@ def dumps(value: Any) -> str:
         return "".join(parts)
 
 
-loads = partial(json.loads, parse_float=Decimal)
-"""Parse JSON text; non-integer numbers become ``Decimal`` (never ``float``)."""
+def _long_integer(text: str) -> int | Decimal:
+    try:
+        return int(text)
+    except ValueError:  # over Python's 4,300-digit limit on parsing an int
+        return Decimal(text)
+
+
+def loads(text: str | bytes | bytearray) -> Any:
+    """Parse JSON text; non-integer numbers become ``Decimal`` (never ``float``).
+
+    An integer too long for Python's int parser (over 4,300 digits: only a row written before
+    numbers were bounded holds one) becomes an exact ``Decimal`` rather than failing, so that one
+    such row cannot make a whole table unreadable. The retry costs nothing on the usual path.
+    """
+    try:
+        return json.loads(text, parse_float=Decimal)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        return json.loads(text, parse_float=Decimal, parse_int=_long_integer)

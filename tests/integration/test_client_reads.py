@@ -7,6 +7,7 @@ import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,10 +18,12 @@ from rillet_dagster.rillet.client import RetryPolicy, RilletClient
 from rillet_dagster.rillet.errors import (
     AuthenticationError,
     CursorRestartError,
+    InvalidRecordIdError,
     NotFoundError,
     RilletConnectionError,
     ValidationError,
 )
+from rillet_dagster.rillet.ratelimit import RateBudget
 from rillet_dagster.sandbox.faults import Faults
 from rillet_dagster.sandbox.server import SandboxServer
 from tests.conftest import API_KEY
@@ -293,3 +296,36 @@ def test_post_whose_response_was_lost_is_retried_with_the_same_key_and_created_o
         if r["name"] == "Reset Corp"
     ]
     assert [r["id"] for r in named] == [created["id"]]
+
+
+def test_hostile_ids_never_reach_the_sandbox(client: RilletClient, sandbox: SandboxServer) -> None:
+    before = sum(sandbox.sandbox.requests.values())
+    for record_id in ("..", ".", "../accounts", "%2e%2e"):
+        with pytest.raises(InvalidRecordIdError, match="invoice id"):
+            client.get("invoice", record_id)
+        with pytest.raises(InvalidRecordIdError, match="bill id"):
+            client.children("bill_payment", record_id)
+    assert client.stats.requests == 0
+    assert sum(sandbox.sandbox.requests.values()) == before
+
+
+def test_a_huge_retry_after_pauses_the_shared_budget_at_most_the_maximum(
+    start_sandbox: Callable[..., SandboxServer], clock: FakeClock, tmp_path: Path
+) -> None:
+    server = start_sandbox(faults=Faults(force_429=1, retry_after=4294967296))
+    budget = RateBudget(f"sqlite:///{tmp_path / 'state.db'}", API_KEY, clock=clock)
+    start = clock.time()
+    with RilletClient(
+        api_key=API_KEY,
+        base_url=server.base_url,
+        clock=clock,
+        budget=budget,
+        retry=RetryPolicy(max_attempts=3, base_seconds=1, cap_seconds=1),
+        max_retry_after_seconds=120,
+    ) as c:
+        assert [a["id"] for a in c.list_all("account")] == truth(server, "account")
+    # Treated as a bare 429: a 5 s floor plus at most 1 s of jitter, not 136 years.
+    assert 5 <= clock.time() - start <= 6
+    other = RateBudget(f"sqlite:///{tmp_path / 'state.db'}", API_KEY, clock=clock)
+    other.acquire()
+    assert other.waited_seconds == 0.0

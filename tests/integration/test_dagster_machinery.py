@@ -15,6 +15,7 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 
 from rillet_dagster import catalog
 from rillet_dagster.assets import checks, entities
+from rillet_dagster.assets.entities import QUARANTINE_CHECK
 from rillet_dagster.assets.reports import report_asset_key
 from rillet_dagster.definitions import build_definitions
 from rillet_dagster.resources import RilletResource, WarehouseResource
@@ -110,6 +111,9 @@ def test_d4_no_step_claims_a_pool_so_no_run_can_hold_one() -> None:
 # ----------------------------------------------------------------------------- the UI
 
 CANARY = "canary-GRAPHQL-4b1d0e8a7c"
+PASSWORD_CANARY = "canary-PASSWORD-7e3a91"
+WAREHOUSE_WITH_PASSWORD = f"postgresql+psycopg://analyst:{PASSWORD_CANARY}@db.invalid:5432/w"
+STATE_WITH_PASSWORD = f"postgresql+psycopg://dagster:{PASSWORD_CANARY}x@db.invalid:5432/s"
 LOCATION = {"repositoryLocationName": "rillet_dagster", "repositoryName": "__repository__"}
 
 
@@ -117,12 +121,13 @@ LOCATION = {"repositoryLocationName": "rillet_dagster", "repositoryName": "__rep
 def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """What the webserver serves: the code location loaded from workspace.yaml in a code server,
     queried through Dagster's GraphQL API (one load for every test here: it takes ~10 s)."""
-    tmp = tmp_path_factory.mktemp("ui")
+    del tmp_path_factory  # nothing is written: the databases are never opened
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RILLET_API_KEY", CANARY)
         patch.setenv("RILLET_BASE_URL", "production")
-        patch.setenv("RILLET_WAREHOUSE_URL", f"sqlite:///{tmp}/w.db")
-        patch.setenv("RILLET_STATE_URL", f"sqlite:///{tmp}/s.db")
+        # Loading the code location connects to neither database.
+        patch.setenv("RILLET_WAREHOUSE_URL", WAREHOUSE_WITH_PASSWORD)
+        patch.setenv("RILLET_STATE_URL", STATE_WITH_PASSWORD)
         patch.chdir(ROOT)
         with (
             dg.instance_for_test() as instance,
@@ -148,6 +153,27 @@ def test_x2_the_ui_shows_the_api_key_variable_never_its_value(ui: Any) -> None:
     values = {v["key"]: v for v in details["configuredValues"]}
     assert values["api_key"] == {"key": "api_key", "value": "RILLET_API_KEY", "type": "ENV_VAR"}
     assert CANARY not in json.dumps(result.data)
+
+
+def test_x2_database_urls_with_passwords_are_shown_as_variables(ui: Any) -> None:
+    """Issue 13, finding 4: the warehouse and state URLs' passwords never reach the UI."""
+    query = """
+      query Resource($selector: ResourceSelector!) {
+        topLevelResourceDetailsOrError(resourceSelector: $selector) {
+          ... on ResourceDetails { configuredValues { key value type } }
+        }
+      }
+    """
+    shown = {}
+    for resource in ("rillet", "warehouse"):
+        result = execute_dagster_graphql(
+            ui, query, variables={"selector": {**LOCATION, "resourceName": resource}}
+        )
+        assert PASSWORD_CANARY not in json.dumps(result.data)
+        details = result.data["topLevelResourceDetailsOrError"]
+        shown |= {v["key"]: (v["value"], v["type"]) for v in details["configuredValues"]}
+    assert shown["url"] == ("RILLET_WAREHOUSE_URL", "ENV_VAR")
+    assert shown["state_url"] == ("RILLET_STATE_URL", "ENV_VAR")
 
 
 def test_the_ui_shows_the_checks_on_each_report_asset(ui: Any) -> None:
@@ -178,4 +204,7 @@ def test_the_ui_shows_the_checks_on_each_report_asset(ui: Any) -> None:
     for report in {c.report for c in on_reports}:
         expected = {(c.name, c.blocking) for c in on_reports if c.report == report}
         assert shown[report_asset_key(report).to_user_string()] == (True, expected), report
-    assert sum(len(c) for _, c in shown.values()) == len(on_reports)
+    reports = {report_asset_key(c.report).to_user_string() for c in on_reports}
+    for asset, (_, shown_checks) in shown.items():
+        if asset not in reports:  # an entity asset of the group (accounts, subsidiaries)
+            assert shown_checks <= {(QUARANTINE_CHECK, False)}, asset

@@ -189,9 +189,11 @@ def test_missing_api_key_for_a_real_host_fails_at_resource_setup(tmp_path: Path)
 
 
 def test_unreachable_warehouse_fails_clearly_and_records_nothing(
-    sandbox: SandboxServer, tmp_path: Path
+    sandbox: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
+    # A URL with a password reaches the resource as EnvVar("RILLET_WAREHOUSE_URL").
+    monkeypatch.setenv("RILLET_WAREHOUSE_URL", url)
     defs = build_definitions(settings_for(sandbox, url, f"sqlite:///{tmp_path}/state.db"))
     products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
     with dg.DagsterInstance.ephemeral() as instance:
@@ -336,55 +338,68 @@ def test_sync_all_from_the_command_line(sandbox: SandboxServer, tmp_path: Path) 
     check_warehouse_matches(sandbox, warehouse_url)
 
 
-def test_the_api_key_never_leaks(
-    sandbox: SandboxServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("warehouse", ["sqlite", "postgresql"])
+def test_the_api_key_and_database_passwords_never_leak(
+    sandbox: SandboxServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    warehouse: str,
 ) -> None:
-    """X1: a canary key, DEBUG logging everywhere (httpx and httpcore included)."""
+    """X1: a canary key, DEBUG logging everywhere (httpx and httpcore included); on PostgreSQL
+    a canary password in the warehouse URL too (trust authentication ignores it)."""
     canary = "canary-KEY-5f0c2b7e9d"
+    password = "canary-PASSWORD-d41c07"
     sandbox.sandbox.config.api_keys = frozenset({*sandbox.sandbox.config.api_keys, canary})
+    warehouse_url = f"sqlite:///{tmp_path}/w.db"
+    if warehouse == "postgresql":
+        plain = sa.engine.make_url(postgres_url("x1_canary"))
+        warehouse_url = plain.set(password=password).render_as_string(hide_password=False)
     env = {
         "RILLET_BASE_URL": sandbox.base_url,
         "RILLET_API_KEY": canary,
-        "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
+        "RILLET_WAREHOUSE_URL": warehouse_url,
         "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
         "RILLET_RATE_LIMIT": "1000000/60",
         "RILLET_START_DATE": START,
     }
-    old = os.environ.get("RILLET_API_KEY")
-    os.environ["RILLET_API_KEY"] = canary
-    try:
-        defs = build_definitions(Settings.from_env(env))
-        chosen = [
-            a
-            for a in defs.assets or []
-            if {dg.AssetKey(["rillet", "products"]), dg.AssetKey(["rillet", "invoices"])}
-            & set(a.keys)  # type: ignore[union-attr]
-        ]
-        caplog.set_level("DEBUG")
-        with dg.DagsterInstance.ephemeral() as instance:
-            for assets_def in chosen:
-                tags = {}
-                if assets_def.partitions_def is not None:  # type: ignore[union-attr]
-                    tags = {
-                        "dagster/asset_partition_range_start": START,
-                        "dagster/asset_partition_range_end": datetime.now(UTC).date().isoformat(),
-                    }
-                result = dg.materialize(
-                    [assets_def], resources=defs.resources, instance=instance, tags=tags
-                )
-                assert result.success
-                run = instance.get_run_by_id(result.run_id)
-                assert canary not in json.dumps(run.run_config, default=str)  # type: ignore[union-attr]
-                for entry in instance.all_logs(result.run_id):
-                    assert canary not in str(entry)
-            repr_text = repr(defs.resources) + "".join(
-                repr(r) for r in (defs.resources or {}).values()
+    # Resources read secrets through EnvVar, that is from the process environment.
+    monkeypatch.setenv("RILLET_API_KEY", canary)
+    monkeypatch.setenv("RILLET_WAREHOUSE_URL", warehouse_url)
+    secrets = [canary, password]
+    defs = build_definitions(Settings.from_env(env))
+    chosen = [
+        a
+        for a in defs.assets or []
+        if {dg.AssetKey(["rillet", "products"]), dg.AssetKey(["rillet", "invoices"])} & set(a.keys)  # type: ignore[union-attr]
+    ]
+    caplog.set_level("DEBUG")
+    with dg.DagsterInstance.ephemeral() as instance:
+        for assets_def in chosen:
+            tags = {}
+            if assets_def.partitions_def is not None:  # type: ignore[union-attr]
+                tags = {
+                    "dagster/asset_partition_range_start": START,
+                    "dagster/asset_partition_range_end": datetime.now(UTC).date().isoformat(),
+                }
+            result = dg.materialize(
+                [assets_def], resources=defs.resources, instance=instance, tags=tags
             )
-            assert canary not in repr_text
-        assert canary not in caplog.text
-        assert "invoice" in caplog.text.lower()  # the logs were really captured
-    finally:
-        if old is None:
-            os.environ.pop("RILLET_API_KEY", None)
-        else:
-            os.environ["RILLET_API_KEY"] = old
+            assert result.success
+            run = instance.get_run_by_id(result.run_id)
+            shown = json.dumps(run.run_config, default=str)  # type: ignore[union-attr]
+            logs = "".join(str(entry) for entry in instance.all_logs(result.run_id))
+            for secret in secrets:
+                assert secret not in shown and secret not in logs
+        resources = defs.resources or {}
+        repr_text = repr(resources) + "".join(repr(r) for r in resources.values())
+        for secret in secrets:
+            assert secret not in repr_text
+    for secret in secrets:
+        assert secret not in caplog.text
+    assert "invoice" in caplog.text.lower()  # the logs were really captured
+    if warehouse == "postgresql":
+        assert isinstance(resources["warehouse"].url, dg.EnvVar)
+        engine = make_engine(warehouse_url)  # the password-bearing URL was the one used
+        assert len(read_records(engine, "invoice")) == len(truth(sandbox, "invoice"))
+        engine.dispose()

@@ -7,6 +7,7 @@ W16: 1,000 events each sent 4 times by 50 concurrent senders are stored exactly 
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
@@ -177,3 +178,33 @@ def test_cli_refuses_to_start_without_valid_tokens(tmp_path: Path) -> None:
     assert invalid.returncode != 0
     assert b"MY_TOKENS: token 2" in invalid.stderr
     assert secret.encode() not in invalid.stderr and TOKEN.encode() not in invalid.stderr
+
+
+def test_cli_refuses_short_tokens_and_impossible_budgets(tmp_path: Path) -> None:
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    base = {k: v for k, v in os.environ.items() if k != "RILLET_WEBHOOK_SECRETS"}
+    short = base64.b64encode(b"123456").decode()  # 6 bytes: guessable offline from one delivery
+    refused = subprocess.run(
+        [*RECEIVER, "--state-url", state_url, "--port", str(_free_port())],
+        env={**base, "RILLET_WEBHOOK_SECRETS": f"{TOKEN},{short}"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    message = refused.stderr.decode()
+    assert "RILLET_WEBHOOK_SECRETS: webhook token 2: decodes to 6 bytes" in message
+    assert "at least 16" in message
+    assert "base64.b64encode(secrets.token_bytes(32))" in message
+    assert "Traceback" not in message and short not in message
+    budget = subprocess.run(
+        [*RECEIVER, "--state-url", state_url, "--port", str(_free_port()),
+         "--max-body-bytes", "2048", "--max-buffered-bytes", "1024"],
+        env={**base, "RILLET_WEBHOOK_SECRETS": TOKEN},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert budget.returncode != 0
+    assert b"max_buffered_bytes (1024) must be at least max_body_bytes (2048)" in budget.stderr
+    assert b"Traceback" not in budget.stderr

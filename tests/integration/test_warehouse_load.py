@@ -486,6 +486,53 @@ def test_older_never_overwrites_newer_and_equal_replaces(engine: sa.Engine) -> N
     assert row["total"] == Decimal("3.00")
 
 
+def test_an_authoritative_load_replaces_a_row_pinned_by_a_future_updated_at(
+    engine: sa.Engine,
+) -> None:
+    """Rillet's list is the truth: a webhook body stamped 2099 must not pin the row."""
+    pinned = invoice("a", 0, total="666.00", items=3)
+    pinned["updated_at"] = "2099-01-01T00:00:00.000Z"
+    load(engine, INVOICE, [pinned, invoice("b", 0)], run_id="webhook")
+    rillet = invoice("a", 10, total="1.00")
+
+    # The monotonic (webhook) path still refuses a version older than the stored one...
+    assert load(engine, INVOICE, [rillet], run_id="late-webhook").skipped_older == 1
+    assert read_records(engine, INVOICE)[0] == pinned
+
+    # ...but a pass over Rillet's list replaces it, lines included.
+    result = load(engine, INVOICE, [rillet, invoice("b", 0)], run_id="sync", authoritative=True)
+    assert (result.updated, result.unchanged, result.skipped_older) == (1, 1, 0)
+    assert read_records(engine, INVOICE) == [rillet, invoice("b", 0)]
+    [row] = [r for r in rows(engine, "invoice") if r["id"] == "a"]
+    assert (row["total"], row["updated_at"], row["_run_id"]) == (Decimal("1.00"), at(10), "sync")
+    assert [r["line_key"] for r in rows(engine, "invoice_item") if r["parent_id"] == "a"] == [
+        "a-line-0",
+        "a-line-1",
+    ]
+    # Rillet's version is now stored: the same pass again changes nothing.
+    assert load(engine, INVOICE, [rillet], authoritative=True).unchanged == 1
+
+
+def test_an_authoritative_load_revives_a_tombstone_older_than_the_read_only(
+    engine: sa.Engine,
+) -> None:
+    """A record Rillet lists is live there, unless it was deleted after the list was read."""
+    load(engine, INVOICE, [invoice("old", 0), invoice("new", 0)])
+    soft_delete(engine, INVOICE, ["old"], at(30))
+    soft_delete(engine, INVOICE, ["new"], at(90))
+    listed = [invoice("old", 20, total="2.00"), invoice("new", 20, total="2.00")]
+    # The monotonic path: both tombstones are newer than the version's updated_at.
+    assert load(engine, INVOICE, listed).skipped_older == 2
+    # The list was read at minute 60: after the first deletion, before the second.
+    result = load(engine, INVOICE, listed, synced_at=at(60), authoritative=True)
+    assert (result.updated, result.skipped_older) == (1, 1)
+    by_id = {r["id"]: r for r in rows(engine, "invoice")}
+    assert by_id["old"]["deleted_at"] is None
+    assert by_id["old"]["total"] == Decimal("2.00")
+    assert by_id["new"]["deleted_at"] == at(90)
+    assert by_id["new"]["total"] == Decimal("100.00")
+
+
 def test_rerunning_the_same_batch_changes_nothing(engine: sa.Engine, world: Any) -> None:
     records = sandbox_records(world, INVOICE)
     load(engine, INVOICE, records)
@@ -750,7 +797,7 @@ def test_postgres_copy_that_meets_a_concurrent_insert_falls_back_to_the_upsert(
             extractor.entry(invoice("a", 20, total="2.00")),
             extractor.entry(invoice("b", 0)),
         ]
-        writer = warehouse_load._PostgresWriter(conn, plan)
+        writer = warehouse_load._PostgresWriter(conn, plan, authoritative=False)
         inserted, updated = writer.upsert(entries, stored={})
     assert (sorted(inserted), updated) == (["b"], ["a"])
     assert [(r["id"], r["total"], r["_run_id"]) for r in rows(postgres_engine, "invoice")] == [

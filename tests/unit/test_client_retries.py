@@ -229,7 +229,7 @@ def test_post_without_key_is_never_retried_with_key_it_is() -> None:
 def test_409_without_idempotency_key_is_not_retried() -> None:
     client = make_client(Recorder(problem(409)), FakeClock())
     with pytest.raises(ConflictError):
-        client.update("customer", "c1", {"name": "A"})
+        client.update("customer", "3f2b8c1e-9d4a-4e6b-8f7c-0a1b2c3d4e5f", {"name": "A"})
 
 
 def test_429_is_a_typed_error_when_retries_run_out() -> None:

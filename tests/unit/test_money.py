@@ -61,3 +61,32 @@ def test_minus_zero_and_rounding() -> None:
     assert Money(Decimal("10.015"), "USD").rounded().amount == Decimal("10.02")
     with pytest.raises(MoneyError, match="more than 2 decimals"):
         Money(Decimal("10.005"), "USD").to_minor()
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "1" + "0" * 50,
+        "0." + "0" * 50 + "1",
+        Decimal("1.0E+300000000"),
+        Decimal("1E-51"),
+        10**60,
+        "1.00\n",
+    ],
+)
+def test_amounts_beyond_the_bounds_are_refused_with_a_reason(amount: object) -> None:
+    with pytest.raises(MoneyError) as caught:
+        Money.parse({"amount": amount, "currency": "USD"})
+    assert len(str(caught.value)) < 200  # however long the amount was
+    if isinstance(amount, Decimal):
+        with pytest.raises(MoneyError, match="at most 50"):
+            Money(amount, "USD")
+
+
+def test_rounding_and_minor_units_stay_exact_beyond_28_digits() -> None:
+    """Decimal's default context rounds to 28 digits; S9 amounts have up to 30."""
+    amount = Decimal("123456789012345678901234567890.12")
+    assert Money(amount, "USD").to_minor() == 12345678901234567890123456789012
+    assert Money(amount, "USD").rounded().amount == amount
+    widest = Decimal("9" * 50 + ".005")
+    assert Money(widest, "USD").rounded().amount == Decimal("9" * 50 + ".00")

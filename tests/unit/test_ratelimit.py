@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, select
+from sqlalchemy import create_engine, delete, select, update
 
 from bench.ratelimit_bench import POSTGRES_URL
 from rillet_dagster.clock import FakeClock
@@ -184,6 +184,61 @@ def test_a_shorter_pause_does_not_cut_a_longer_one(
     assert elapsed(clock, start) == 30.0
 
 
+@pytest.mark.parametrize("seconds", [4294967296.0, 1e300, float("inf")])
+def test_a_pause_never_outlasts_the_maximum(
+    make_budget: Callable[..., RateBudget], clock: FakeClock, state_url: str, seconds: float
+) -> None:
+    budget = make_budget(max_pause_seconds=300)
+    start = clock.time()
+    budget.pause(seconds)
+    assert _stored_pause(state_url, budget.key_hash) == start + 300.0  # bounded when stored
+    other_process = make_budget(max_pause_seconds=300)
+    other_process.acquire()
+    assert elapsed(clock, start) == 300.0
+
+
+def _stored_pause(state_url: str, key_hash: str) -> float:
+    engine = create_engine(state_url)
+    with engine.connect() as connection:
+        stored = connection.scalar(
+            select(keys_table.c.paused_until).where(keys_table.c.key_hash == key_hash)
+        )
+    engine.dispose()
+    return float(stored)
+
+
+def test_a_nan_pause_is_ignored(make_budget: Callable[..., RateBudget], clock: FakeClock) -> None:
+    budget = make_budget()
+    start = clock.time()
+    budget.pause(float("nan"))
+    budget.acquire()
+    assert elapsed(clock, start) == 0.0
+
+
+@pytest.mark.parametrize("stored", [1e12, float("inf")])
+def test_a_stored_pause_beyond_the_maximum_is_clamped_once_and_for_all(
+    make_budget: Callable[..., RateBudget], clock: FakeClock, state_url: str, stored: float
+) -> None:
+    budget = make_budget(max_pause_seconds=300)
+    start = clock.time()
+    budget.pause(1)  # creates the key's row
+    engine = create_engine(state_url)
+    with engine.begin() as connection:  # what an older version stored after a huge Retry-After
+        connection.execute(
+            update(keys_table)
+            .where(keys_table.c.key_hash == budget.key_hash)
+            .values(paused_until=start + stored)
+        )
+    engine.dispose()
+    impatient = make_budget(max_pause_seconds=300, max_wait_seconds=100)
+    with pytest.raises(RateBudgetTimeout):
+        impatient.acquire()
+    # Clamped to (first read + 300) and stored: later reads do not push the end further out.
+    budget.acquire()
+    assert elapsed(clock, start) == 300.0
+    assert _stored_pause(state_url, budget.key_hash) == start + 300.0
+
+
 def test_margin_keeps_slots_in_reserve(
     make_budget: Callable[..., RateBudget], clock: FakeClock
 ) -> None:
@@ -296,6 +351,9 @@ def test_a_forked_child_uses_its_own_connections(
         ({"request_timeout": 0}, "request_timeout must be > 0"),
         ({"poll_seconds": 0}, "poll_seconds must be > 0"),
         ({"max_wait_seconds": -1}, "max_wait_seconds must be >= 0"),
+        ({"max_pause_seconds": 0}, "max_pause_seconds must be"),
+        ({"max_pause_seconds": float("inf")}, "max_pause_seconds must be"),
+        ({"max_pause_seconds": float("nan")}, "max_pause_seconds must be"),
     ],
 )
 def test_invalid_limits_are_refused(tmp_path: Path, options: dict[str, Any], message: str) -> None:

@@ -15,7 +15,7 @@ import inspect
 import random
 import string
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from rillet_dagster.rillet import signatures
 from rillet_dagster.rillet.signatures import (
     MAX_SIGNATURES,
+    MIN_TOKEN_BYTES,
     TimestampPolicy,
     WebhookHeaderError,
     decode_token,
@@ -356,3 +357,76 @@ def test_token_errors_never_echo_the_token() -> None:
     assert loaded.webhook_secrets == (TOKEN, OTHER)
     assert loaded.webhook_secret_count == 2
     assert TOKEN not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0001-01-01T00:00:00+01:00",  # before year 1 once in UTC (it overflowed: a 500)
+        "9999-12-31T23:59:59-01:00",  # after year 9999 once in UTC
+        "0001-01-01T00:00:00Z",  # exists, but not in every time zone the database may use
+        "9999-12-31T23:59:59Z",
+        "0000-01-01T00:00:00Z",
+        "10000-01-01T00:00:00Z",
+        "99999999999999999999-01-01T00:00:00Z",
+        "2026-11-28T12:00:00+23:60",
+        "2026-11-28T12:00:00\u00b2Z",  # superscript two: a digit to str.isdigit
+        "\u0662\u0660\u0662\u0666-11-28T12:00:00Z",  # Arabic-Indic digits
+        "2026-11-28T12:00:00.1\u00e9Z",
+        "2026-11-28T12:00:00Z\u00ff",
+    ],
+)
+def test_timestamps_the_receiver_cannot_use_are_header_errors(value: str) -> None:  # W10, X7
+    header_values = headers_for(good_signature(timestamp=value), timestamp=value)
+    with pytest.raises(WebhookHeaderError) as raised:
+        parse_headers(getter(header_values))
+    assert raised.value.header == "x-rillet-timestamp"
+
+
+def test_timestamp_range_edges() -> None:
+    assert parse_timestamp("0001-01-02T00:00:00Z") == datetime(1, 1, 2, tzinfo=UTC)
+    assert parse_timestamp("9999-12-30T23:59:59.999999Z").year == 9999
+    for outside in ("0001-01-01T23:59:59.999Z", "9999-12-31T00:00:00Z"):
+        with pytest.raises(ValueError, match="out of range"):
+            parse_timestamp(outside)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    year=st.integers(0, 9999),
+    month=st.integers(0, 13),
+    day=st.integers(0, 32),
+    hour=st.integers(0, 24),
+    second=st.integers(0, 60),
+    sign=st.sampled_from("+-"),
+    offset_hours=st.integers(0, 24),
+    offset_minutes=st.integers(0, 60),
+)
+def test_any_well_formed_timestamp_parses_or_is_a_value_error(
+    year: int, month: int, day: int, hour: int, second: int, sign: str, offset_hours: int,
+    offset_minutes: int,
+) -> None:  # fmt: skip
+    text = (
+        f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:59:{second:02d}"
+        f"{sign}{offset_hours:02d}:{offset_minutes:02d}"
+    )
+    try:
+        moment = parse_timestamp(text)
+    except ValueError:
+        return
+    # What is accepted survives the policy's arithmetic and any UTC offset a database may use.
+    now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    TimestampPolicy().check(moment, now)
+    for hours in (-23, 23):
+        moment.astimezone(timezone(timedelta(hours=hours, minutes=59 if hours > 0 else -59)))
+
+
+def test_receiver_tokens_need_sixteen_bytes() -> None:
+    for length in range(1, MIN_TOKEN_BYTES):
+        short = base64.b64encode(b"k" * length).decode()
+        decode_token(short)  # well-formed, so a signer may still use it ...
+        with pytest.raises(ValueError, match=f"decodes to {length} bytes") as raised:
+            decode_token(short, min_bytes=MIN_TOKEN_BYTES)  # ... but a receiver refuses it
+        assert short not in str(raised.value)
+    exact = base64.b64encode(b"k" * MIN_TOKEN_BYTES).decode()
+    assert decode_token(exact, min_bytes=MIN_TOKEN_BYTES) == b"k" * MIN_TOKEN_BYTES

@@ -299,3 +299,40 @@ def test_loads_never_produces_a_float() -> None:
     assert parsed["a"] == Decimal("0.1")
     assert all(isinstance(v, Decimal) for v in parsed["b"])
     assert parsed["c"] == 3
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Decimal("1E+50"),  # 51 digits before the point
+        Decimal("1.0E+300000000"),
+        Decimal("1E-51"),  # 51 after it
+        Decimal("-1.0E-999999999999"),
+        10**50,
+        "1" + "0" * 50,
+    ],
+)
+def test_numbers_too_wide_to_write_out_are_refused_before_they_are(value: object) -> None:
+    """Written out in full, 1.0E+300000000 takes 300 MB: refused from its exponent, at once."""
+    with pytest.raises(ValueError, match=r"digits (before|after) the decimal point"):
+        ExactDecimal().process_bind_param(value, LITE)
+    with pytest.raises(ValueError, match="at most 50"):
+        ExactDecimal().process_bind_param(value, PG)
+    if isinstance(value, Decimal):
+        with pytest.raises(ValueError, match="at most 50"):
+            dumps({"x": [value]})
+
+
+def test_the_widest_numbers_stored_are_written_out_exactly() -> None:
+    widest = [Decimal("9" * 50), Decimal("-1E+49"), Decimal("1E-50"), Decimal("0." + "7" * 50)]
+    assert loads(dumps(widest)) == widest
+    assert ExactDecimal().process_bind_param(Decimal("1E+49"), LITE) == "1" + "0" * 49
+
+
+def test_loads_reads_an_integer_longer_than_pythons_limit_as_a_decimal() -> None:
+    """Such a number (written before the bounds) must not make a whole table unreadable."""
+    huge = "-1" + "0" * 5000
+    assert loads(f'{{"x": [{huge}, 2]}}') == {"x": [Decimal(huge), 2]}
+    assert type(loads(f"[{huge}]")[0]) is Decimal
+    with pytest.raises(json.JSONDecodeError):
+        loads(f'{{"x": {huge}')
