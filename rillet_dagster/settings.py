@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 from rillet_dagster.catalog import API_VERSIONS, DEFAULT_API_VERSION
-from rillet_dagster.rillet.signatures import decode_token
+from rillet_dagster.rillet.signatures import MIN_TOKEN_BYTES, decode_token
 
 BASE_URL_ALIASES: dict[str, str] = {
     "production": "https://api.rillet.com",
@@ -89,11 +89,12 @@ def parse_webhook_secrets(text: str, variable: str = WEBHOOK_SECRETS_VAR) -> tup
     tokens = tuple(t.strip() for t in text.split(",") if t.strip())
     for position, token in enumerate(tokens, start=1):
         try:
-            decode_token(token)
+            decode_token(token, min_bytes=MIN_TOKEN_BYTES)
         except ValueError as error:
             raise SettingsError(
                 f"{variable}: token {position} is {error}; copy the Webhook Token exactly as "
-                "Rillet shows it"
+                "Rillet shows it (a token of your own: python -c \"import secrets,base64;"
+                'print(base64.b64encode(secrets.token_bytes(32)).decode())")'
             ) from None
     return tokens
 

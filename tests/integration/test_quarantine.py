@@ -354,3 +354,53 @@ def test_a_record_rillet_sends_that_cannot_be_stored_is_set_aside_and_the_pass_g
     full_sync(server, urls, "customer")
     assert warehouse_rows(urls, "customer") == {c["id"]: c for c in truth(server, "customer")}
     assert queued(urls["state"], "quarantined") == []
+
+
+def test_a_malformed_body_is_read_again_alone_not_with_its_batch(
+    server: SandboxServer, urls: dict[str, str]
+) -> None:
+    """Finding 10: one body the loader refuses costs one request, not one per body of its batch;
+    an id shaped like a path (``.``) never reaches Rillet and its event is quarantined."""
+    invoices = truth(server, "invoice")
+    for invoice in invoices[:40]:
+        queue(urls["state"], "INVOICE", "UPDATED", {**invoice, "updated_at": now_stamp()})
+    malformed = invoices[40]
+    queue(urls["state"], "INVOICE", "UPDATED", raw_body(malformed, items='"not a list"'))
+    dotted = {"id": str(uuid.uuid4()), "invoice_id": ".", "status": "CLEARED"}
+    queue(urls["state"], "INVOICE", "PAYMENT_UPDATED", dotted)
+    client = apply_only(server, urls, "invoice")
+    assert client.stats.requests == 1  # the malformed invoice, read again alone
+    counts = statuses(urls["state"])
+    assert (counts["applied"], counts["quarantined"]) == (41, 1)
+    (quarantined,) = queued(urls["state"], "quarantined")
+    assert "InvalidRecordIdError" in (quarantined.error or "")
+    assert warehouse_rows(urls, "invoice")[malformed["id"]] == malformed
+
+
+def test_retention_keeps_the_queue_bounded_under_a_sustained_load(urls: dict[str, str]) -> None:
+    """Thirty days of 40 events a day, applied as they come, purged nightly at 7 days: the
+    queue never holds more than 8 days of traffic."""
+    state_engine = state.make_state_engine(urls["state"])
+    warehouse = make_engine(urls["warehouse"])
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    sizes = []
+    for day in range(30):
+        now = start + timedelta(days=day)
+        ids = [str(uuid.uuid4()) for _ in range(40)]
+        with state_engine.begin() as connection:
+            state.ensure_state_schema(connection)
+            state.enqueue_many(
+                connection,
+                [
+                    state.QueuedEvent(i, "CUSTOMER", "UPDATED", now, now, b'{"id": "x"}')
+                    for i in ids
+                ],
+            )
+            state.mark_applied(connection, ids, "run", at=now)
+        purge(state_engine, warehouse, 7, now)
+        with state_engine.connect() as connection:
+            sizes.append(sum(state.queue_counters(connection)[s] for s in state.STATUSES))
+    assert max(sizes) <= 8 * 40
+    assert sizes[-1] == 8 * 40  # days 22..29 (a cutoff is exclusive)
+    state_engine.dispose()
+    warehouse.dispose()

@@ -430,3 +430,13 @@ def test_receiver_tokens_need_sixteen_bytes() -> None:
         assert short not in str(raised.value)
     exact = base64.b64encode(b"k" * MIN_TOKEN_BYTES).decode()
     assert decode_token(exact, min_bytes=MIN_TOKEN_BYTES) == b"k" * MIN_TOKEN_BYTES
+
+
+def test_the_code_location_refuses_short_webhook_tokens_too() -> None:
+    """Issue 13, finding 9: the settings refuse what the receiver refuses, naming the fix."""
+    short = base64.b64encode(b"six by").decode()
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"RILLET_WEBHOOK_SECRETS": f"{TOKEN},{short}"})
+    message = str(raised.value)
+    assert "token 2" in message and "at least 16" in message and "token_bytes(32)" in message
+    assert short not in message

@@ -71,7 +71,8 @@ def test_enqueue_once_and_count_redeliveries(engine: Engine) -> None:  # W9
         assert stored.received_at == first.received_at
         assert stored.duplicates == 2
         assert queue_counters(connection) == {
-            "pending": 1, "applied": 0, "poison": 0, "unknown": 0, "duplicates": 2,
+            "pending": 1, "applied": 0, "poison": 0, "unknown": 0, "quarantined": 0,
+            "discarded": 0, "duplicates": 2,
         }  # fmt: skip
 
 
