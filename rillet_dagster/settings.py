@@ -93,7 +93,7 @@ def parse_webhook_secrets(text: str, variable: str = WEBHOOK_SECRETS_VAR) -> tup
         except ValueError as error:
             raise SettingsError(
                 f"{variable}: token {position} is {error}; copy the Webhook Token exactly as "
-                "Rillet shows it (a token of your own: python -c \"import secrets,base64;"
+                'Rillet shows it (a token of your own: python -c "import secrets,base64;'
                 'print(base64.b64encode(secrets.token_bytes(32)).decode())")'
             ) from None
     return tokens
