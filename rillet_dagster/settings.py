@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 
 from rillet_dagster.catalog import API_VERSIONS, DEFAULT_API_VERSION
-from rillet_dagster.rillet.signatures import MIN_TOKEN_BYTES, decode_token
+from rillet_dagster.rillet.signatures import MIN_TOKEN_BYTES, NEW_KEY_COMMAND, decode_token
 
 BASE_URL_ALIASES: dict[str, str] = {
     "production": "https://api.rillet.com",
@@ -92,9 +92,9 @@ def parse_webhook_secrets(text: str, variable: str = WEBHOOK_SECRETS_VAR) -> tup
             decode_token(token, min_bytes=MIN_TOKEN_BYTES)
         except ValueError as error:
             raise SettingsError(
-                f"{variable}: token {position} is {error}; copy the Webhook Token exactly as "
-                'Rillet shows it (a token of your own: python -c "import secrets,base64;'
-                'print(base64.b64encode(secrets.token_bytes(32)).decode())")'
+                f"{variable}: webhook token {position}: {error}; copy the whole Webhook Token "
+                "that Rillet shows, or for a sender of your own generate one with: "
+                f"{NEW_KEY_COMMAND}"
             ) from None
     return tokens
 

@@ -8,6 +8,7 @@ are inferred only from a complete full pass (a partial pass proves nothing).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Container, Iterable, Mapping
@@ -143,7 +144,13 @@ def sync_entity(
     if refused:
         _set_aside(spec, refused, state_url, log)
     complete = read_rillet and (stream is None or stream.complete)
-    if complete and updated_since is None:
+    if stream is not None and stream.unidentified:
+        # A record without an id might be any stored one: no deletion can be inferred.
+        log.warning(
+            f"{spec.name}: Rillet sent {stream.unidentified} record(s) without an id; "
+            "records missing from this pass are not marked deleted"
+        )
+    if complete and updated_since is None and not (stream is not None and stream.unidentified):
         # Only a complete pass over everything proves that a missing record was deleted. The
         # stream already remembers the ids it yielded (compactly): no second set of them.
         seen: Container[str] = stream if stream is not None else {r["id"] for r in records}
@@ -243,7 +250,7 @@ def _set_aside(
         return
     items = [
         state.QueuedEvent(
-            id=str(uuid.uuid5(_REFUSED_NAMESPACE, f"{spec.name}:{error.record_id!r}")),
+            id=_refused_id(spec, record, error),
             entity=queue_entity(spec),
             event=state.SYNC_REFUSED,
             received_at=now,
@@ -261,6 +268,15 @@ def _set_aside(
             state.enqueue_many(connection, items)
     finally:
         state_engine.dispose()
+
+
+def _refused_id(spec: EntitySpec, record: Any, error: load.RecordSchemaError) -> str:
+    """The same id for the same refused record in every pass (its id, else its content)."""
+    if error.record_id is not None:
+        name = f"{spec.name}:{error.record_id!r}"
+    else:
+        name = f"{spec.name}:content:{hashlib.sha256(_raw(record)).hexdigest()}"
+    return str(uuid.uuid5(_REFUSED_NAMESPACE, name))
 
 
 _REFUSED_NAMESPACE = uuid.UUID("7d0b6a52-93b4-4d1e-9f3c-2f6c1e0a4b8d")

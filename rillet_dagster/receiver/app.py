@@ -54,6 +54,7 @@ from rillet_dagster import catalog
 from rillet_dagster.clock import Clock, SystemClock
 from rillet_dagster.rillet.signatures import (
     MIN_TOKEN_BYTES,
+    NEW_KEY_COMMAND,
     TimestampPolicy,
     WebhookHeaderError,
     WebhookHeaders,
@@ -79,10 +80,6 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 # (BENCHMARKS.md), where the per-request cap alone let them take 1.2 GiB.
 DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 BUSY_RETRY_AFTER_SECONDS = 5
-# Printed by start-up errors: how to make a webhook token of 32 random bytes.
-NEW_KEY_COMMAND = (
-    'python -c "import secrets,base64;print(base64.b64encode(secrets.token_bytes(32)).decode())"'
-)
 PROBLEM_TYPE_BASE = "https://rillet-dagster.invalid/problems/"
 # Rillet's records nest a handful of levels. Beyond this a body is poison: json.loads would recurse
 # (RecursionError at ~1,000 levels), and the apply side's JSON walkers run inside Dagster's own

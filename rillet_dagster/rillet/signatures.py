@@ -41,6 +41,10 @@ MAX_SIGNATURES = 10
 # What a receiver demands of a token: an HMAC key of a few bytes can be guessed offline from one
 # captured delivery; 16 bytes (128 bits) cannot.
 MIN_TOKEN_BYTES = 16
+# How to make a token for a sender of one's own (told whenever a token is refused).
+NEW_KEY_COMMAND = (
+    'python -c "import secrets,base64;print(base64.b64encode(secrets.token_bytes(32)).decode())"'
+)
 MAX_NAME_LENGTH = 64
 # 10 signatures of 44 characters plus separators and some optional whitespace; anything longer is
 # refused before it is split, so a 1 MB header costs one length check.

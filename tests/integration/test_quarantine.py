@@ -404,3 +404,27 @@ def test_retention_keeps_the_queue_bounded_under_a_sustained_load(urls: dict[str
     assert sizes[-1] == 8 * 40  # days 22..29 (a cutoff is exclusive)
     state_engine.dispose()
     warehouse.dispose()
+
+
+def test_a_list_record_without_an_id_or_with_a_bad_stamp_never_stops_the_pass(
+    server: SandboxServer, urls: dict[str, str]
+) -> None:
+    """Neither is stored nor lost: both are set aside, and since a record without an id could
+    be any stored one, that pass infers no deletion."""
+    full_sync(server, urls, "customer")
+    customers = truth(server, "customer")
+    collection = server.sandbox.world.store["customer"]
+    anonymous, badly_stamped = customers[1], customers[3]
+    with server.sandbox.world.store.lock:
+        # What the sandbox serves for these two (its cache of each record's JSON).
+        collection._json[collection.seq_of(anonymous["id"])] = b'{"name": "who am I"}'
+        stamped = {**badly_stamped, "updated_at": "yesterday-ish"}
+        collection._json[collection.seq_of(badly_stamped["id"])] = json.dumps(stamped).encode()
+    full_sync(server, urls, "customer")
+    assert warehouse_rows(urls, "customer") == {c["id"]: c for c in customers}  # none deleted
+    refused = queued(urls["state"], "quarantined")
+    assert len(refused) == 2 and {e.event for e in refused} == {state.SYNC_REFUSED}
+    errors = " ".join(e.error or "" for e in refused)
+    assert "'id'" in errors and "updated_at" in errors
+    full_sync(server, urls, "customer")
+    assert len(queued(urls["state"], "quarantined")) == 2  # the same two, not two more

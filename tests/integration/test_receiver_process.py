@@ -176,7 +176,7 @@ def test_cli_refuses_to_start_without_valid_tokens(tmp_path: Path) -> None:
         check=False,
     )
     assert invalid.returncode != 0
-    assert b"MY_TOKENS: token 2" in invalid.stderr
+    assert b"MY_TOKENS: webhook token 2" in invalid.stderr
     assert secret.encode() not in invalid.stderr and TOKEN.encode() not in invalid.stderr
 
 
