@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime
 from typing import Any
 
 import httpx
@@ -35,6 +36,13 @@ def _outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def today() -> date:
+    """The UTC date, read once when the test starts (never at import): partition ranges built
+    from it stay one day within the test even when the session runs across midnight UTC."""
+    return datetime.now(UTC).date()
 
 
 @pytest.fixture

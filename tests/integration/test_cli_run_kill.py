@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -33,8 +33,6 @@ from tests.run_processes import (
 )
 
 KEY = "cli-kill-key-0123456789"
-TODAY = datetime.now(UTC).date()
-START = (TODAY - timedelta(days=1)).isoformat()
 CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
 # The rerun's first step must start within this many seconds of the command: the process
 # start-up and code load (a few seconds, more on a loaded machine), and no wait for a slot.
@@ -51,10 +49,10 @@ def server() -> Iterator[SandboxServer]:
     started.stop()
 
 
-def execute(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+def execute(env: dict[str, str], cwd: Path, start: str, end: str) -> subprocess.Popen[bytes]:
     tags = {
-        "dagster/asset_partition_range_start": START,
-        "dagster/asset_partition_range_end": TODAY.isoformat(),
+        "dagster/asset_partition_range_start": start,
+        "dagster/asset_partition_range_end": end,
     }
     return subprocess.Popen(
         [
@@ -84,16 +82,17 @@ def first_step_start(instance: dg.DagsterInstance, run_id: str) -> float | None:
 
 
 def test_a_sigkilled_cli_run_does_not_block_its_rerun(
-    server: SandboxServer, tmp_path: Path
+    server: SandboxServer, tmp_path: Path, today: date
 ) -> None:
+    start, end = (today - timedelta(days=1)).isoformat(), today.isoformat()
     home = instance_home(tmp_path)
-    env = process_env(tmp_path, home, server, KEY, START)
+    env = process_env(tmp_path, home, server, KEY, start)
     # Slow responses keep the first run busy long enough to be killed in a step.
     httpx.put(
         f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
     )
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        first = execute(env, tmp_path)
+        first = execute(env, tmp_path, start, end)
         run = wait_for(lambda: instance.get_runs(limit=1), 120, "the first run")[0]
         wait_for(
             lambda: (
@@ -112,7 +111,7 @@ def test_a_sigkilled_cli_run_does_not_block_its_rerun(
             f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 0, "latency_max_ms": 0}
         )
         launched = time.time()
-        rerun_process = execute(env, tmp_path)
+        rerun_process = execute(env, tmp_path, start, end)
         rerun = wait_for(
             lambda: [r for r in instance.get_runs(limit=2) if r.run_id != run.run_id],
             120,

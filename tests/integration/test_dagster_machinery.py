@@ -29,38 +29,48 @@ ROOT = Path(__file__).resolve().parents[2]
 # ----------------------------------------------------------------------------- D2
 
 
+# What SYNC_RETRY_POLICY promises (10 s, exponential, plus or minus one delay of jitter), in
+# seconds: the wait before the first retry, then before the second. The test runs the policy
+# scaled down (same shape, SCALE times the delay) and holds Dagster to these windows, scaled.
+PROMISED_WAITS = ((0.0, 20.0), (20.0, 40.0))
+SCALE = 0.02  # 10 s -> 0.2 s: the two retries cost the test about 0.8 s
+
+
 def test_d2_transient_failures_are_retried_by_the_policy_with_bounded_delays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A sync step that fails transiently is retried by Dagster as our policy says: the waits it
+    asked for and the time it actually waited are read back from the instance's event log."""
     production = entities.SYNC_RETRY_POLICY
-    assert (production.max_retries, production.backoff, production.jitter) == (
-        2,
-        dg.Backoff.EXPONENTIAL,
-        dg.Jitter.PLUS_MINUS,
-    )
-    # The production policy's shape, with a delay short enough for a test.
-    base = 0.05
-    policy = dg.RetryPolicy(
-        max_retries=production.max_retries,
-        delay=base,
-        backoff=production.backoff,
-        jitter=production.jitter,
-    )
     settings = Settings.from_env(
         {
             "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
             "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
         }
     )
+    # Every entity asset of the code location carries the policy (Dagster applies it per step).
+    for built in entities.build_entity_assets(settings):
+        assert built.op.retry_policy == production, built.op.name
+    assert production.max_retries == len(PROMISED_WAITS)
+    # Jitter: steps failed by one outage do not all come back at the same instant.
+    assert production.jitter == dg.Jitter.PLUS_MINUS
+    scaled = dg.RetryPolicy(
+        max_retries=production.max_retries,
+        delay=(production.delay or 0) * SCALE,
+        backoff=production.backoff,
+        jitter=production.jitter,
+    )
     asset = entities.entity_asset(
-        catalog.entity("product"), entities.daily_partitions(settings), retry_policy=policy
+        catalog.entity("product"), entities.daily_partitions(settings), retry_policy=scaled
     )
     real_sync = entities.sync_entity
-    failures = [0]
+    budget = {"failures": 0}
+    attempts = [0]
 
     def flaky_sync(*args: Any, **kwargs: Any) -> Any:
-        if failures[0] < production.max_retries:
-            failures[0] += 1
+        attempts[0] += 1
+        if budget["failures"] > 0:
+            budget["failures"] -= 1
             raise RilletConnectionError("Rillet at http://sandbox did not answer (injected)")
         return real_sync(*args, **kwargs)
 
@@ -68,27 +78,53 @@ def test_d2_transient_failures_are_retried_by_the_policy_with_bounded_delays(
     server = SandboxServer(
         build_sandbox(SandboxOptions(size="tiny", api_keys=("d2-key",), rate_limit=10**6))
     ).start()
+    resources = {
+        "rillet": RilletResource(
+            base_url=server.base_url, api_key="d2-key", state_url=settings.state_url
+        ),
+        "warehouse": WarehouseResource(url=settings.warehouse_url),
+    }
     try:
-        resources = {
-            "rillet": RilletResource(
-                base_url=server.base_url, api_key="d2-key", state_url=settings.state_url
-            ),
-            "warehouse": WarehouseResource(url=settings.warehouse_url),
-        }
         with dg.DagsterInstance.ephemeral() as instance:
-            result = dg.materialize([asset], resources=resources, instance=instance)
+            # Two transient failures, then Rillet answers: the run succeeds on the last retry.
+            budget["failures"] = production.max_retries
+            recovered = dg.materialize([asset], resources=resources, instance=instance)
+            assert recovered.success
+            assert attempts[0] == production.max_retries + 1
+            waits = applied_waits(instance, recovered.run_id)
+            # Rillet stays down: the step is given up after exactly max_retries retries.
+            budget["failures"], attempts[0] = 10**6, 0
+            exhausted = dg.materialize(
+                [asset], resources=resources, instance=instance, raise_on_error=False
+            )
+            assert not exhausted.success
+            assert attempts[0] == production.max_retries + 1
+            waits += applied_waits(instance, exhausted.run_id)
     finally:
         server.stop()
-    assert result.success
-    waits = [
-        e.step_retry_data.seconds_to_wait
-        for e in result.all_events
-        if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY
-    ]
-    assert len(waits) == production.max_retries
-    for attempt, wait in enumerate(waits, start=1):
-        exponential = (2**attempt - 1) * base
-        assert exponential - base <= wait <= exponential + base, (attempt, wait)
+    for retry, (asked, waited) in enumerate(waits):
+        low, high = (bound * SCALE for bound in PROMISED_WAITS[retry % production.max_retries])
+        assert low <= asked <= high, (retry, asked)
+        # Dagster held the step back for the wait it asked for (and not for much longer).
+        assert asked - 0.01 <= waited <= high + 2.0, (retry, asked, waited)
+
+
+def applied_waits(instance: dg.DagsterInstance, run_id: str) -> list[tuple[float, float]]:
+    """Per retry of the run's step: the wait Dagster asked for (``STEP_UP_FOR_RETRY``) and the
+    time until the step restarted (``STEP_RESTARTED``), from the instance's event log."""
+    records = instance.all_logs(
+        run_id,
+        of_type={dg.DagsterEventType.STEP_UP_FOR_RETRY, dg.DagsterEventType.STEP_RESTARTED},
+    )
+    up = [r for r in records if r.dagster_event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    restarted = [r for r in records if r.dagster_event_type == dg.DagsterEventType.STEP_RESTARTED]
+    assert len(up) == len(restarted) == entities.SYNC_RETRY_POLICY.max_retries
+    waits = []
+    for asked, again in zip(up, restarted, strict=True):
+        retry = asked.dagster_event.step_retry_data  # type: ignore[union-attr]
+        assert retry is not None and retry.seconds_to_wait is not None
+        waits.append((float(retry.seconds_to_wait), again.timestamp - asked.timestamp))
+    return waits
 
 
 # ----------------------------------------------------------------------------- D4

@@ -31,6 +31,7 @@ from rillet_dagster import catalog
 from rillet_dagster.warehouse import state
 from rillet_dagster.warehouse.schema import make_engine, table_for, table_name
 from tests.dev_stack import DevStack
+from tests.warehouse_compare import assert_warehouse_equals_records, parse
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,20 +77,27 @@ def _live_ids(engine: Any, name: str) -> set[str]:
         return set(conn.scalars(query))
 
 
-def _sandbox_ids(stack: DevStack, name: str) -> set[str]:
+def _sandbox_records(stack: DevStack, name: str) -> list[dict[str, Any]]:
+    """The sandbox's ground truth: every live record, as its API serves it (exact numbers)."""
     answer = httpx.get(f"{stack.sandbox_url}/_sandbox/records/{table_name(name)}", timeout=30)
-    return {record["id"] for record in answer.json()}
+    answer.raise_for_status()
+    return parse(answer.content)
+
+
+def _sandbox_ids(stack: DevStack, name: str) -> set[str]:
+    return {record["id"] for record in _sandbox_records(stack, name)}
 
 
 def test_the_warehouse_holds_exactly_the_sandbox(dev_stack: DevStack) -> None:
-    """Entities the live activity never touches: equal ids. The ones it changes every second:
-    every record the sandbox has at a moment is in the warehouse within a minute (webhooks),
-    and nothing the warehouse shows as live is unknown to the sandbox."""
+    """Entities the live activity never touches: every column of every header and child table
+    equal (tests/warehouse_compare.py). The ones it changes every second: every record the
+    sandbox has at a moment is in the warehouse within a minute (webhooks), and nothing the
+    warehouse shows as live is unknown to the sandbox."""
     dev_stack.wait_ready()
     engine = make_engine(dev_stack.warehouse_url)
     try:
-        for name in STILL:
-            assert _live_ids(engine, name) == _sandbox_ids(dev_stack, name), name
+        still = {name: _sandbox_records(dev_stack, name) for name in STILL}
+        assert_warehouse_equals_records(engine, still)
         for name in LIVE:
             before = _live_ids(engine, name)  # first: anything newer is in the truth below
             truth = _sandbox_ids(dev_stack, name)

@@ -35,10 +35,6 @@ from rillet_dagster.warehouse.types import dumps, loads
 from tests.pg import postgres_url
 
 KEY = "reports-key-0123456789"
-TODAY = datetime.now(UTC).date()
-YESTERDAY = TODAY - timedelta(days=1)
-LAST_MONTH = (TODAY.replace(day=1) - timedelta(days=1)).replace(day=1)
-START = (TODAY - timedelta(days=3)).isoformat()
 BUILDERS = {
     "trial_balance": simulated.trial_balance,
     "balance_sheet": simulated.balance_sheet,
@@ -56,7 +52,13 @@ def sandbox() -> Iterator[SandboxServer]:
     server.stop()
 
 
-def report_settings(server: SandboxServer, warehouse_url: str, state_url: str) -> Settings:
+def first_day(today: date) -> str:
+    return (today - timedelta(days=3)).isoformat()
+
+
+def report_settings(
+    server: SandboxServer, warehouse_url: str, state_url: str, today: date
+) -> Settings:
     os.environ["RILLET_API_KEY"] = KEY
     return Settings.from_env(
         {
@@ -65,7 +67,7 @@ def report_settings(server: SandboxServer, warehouse_url: str, state_url: str) -
             "RILLET_WAREHOUSE_URL": warehouse_url,
             "RILLET_STATE_URL": state_url,
             "RILLET_RATE_LIMIT": "1000000/60",
-            "RILLET_START_DATE": START,
+            "RILLET_START_DATE": first_day(today),
         }
     )
 
@@ -79,12 +81,15 @@ def report_assets(defs: dg.Definitions, names: tuple[str, ...]) -> list[dg.Asset
     return [a for a in defs.assets or [] if set(a.keys) & wanted]  # type: ignore[union-attr]
 
 
-def period_key(name: str) -> str:
-    return (YESTERDAY if name in DAILY_REPORTS else LAST_MONTH).isoformat()
+def period_key(name: str, today: date) -> str:
+    """The last complete period before ``today``: yesterday, or last month."""
+    yesterday = today - timedelta(days=1)
+    last_month = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    return (yesterday if name in DAILY_REPORTS else last_month).isoformat()
 
 
 def materialize_reports(
-    defs: dg.Definitions, instance: dg.DagsterInstance, subsidiaries: list[str]
+    defs: dg.Definitions, instance: dg.DagsterInstance, subsidiaries: list[str], today: date
 ) -> None:
     instance.add_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME, subsidiaries)
     for names in (tuple(DAILY_REPORTS), MONTHLY_REPORTS):
@@ -93,7 +98,7 @@ def materialize_reports(
                 report_assets(defs, names),
                 resources=defs.resources,
                 instance=instance,
-                partition_key=partition_key(period_key(names[0]), subsidiary),
+                partition_key=partition_key(period_key(names[0], today), subsidiary),
             )
             assert result.success
             for materialization in result.get_asset_materialization_events():
@@ -102,9 +107,11 @@ def materialize_reports(
                 assert named == subsidiary or named.startswith("Consolidated")
 
 
-def expected_response(server: SandboxServer, name: str, subsidiary: str) -> dict[str, Any]:
+def expected_response(
+    server: SandboxServer, name: str, subsidiary: str, today: date
+) -> dict[str, Any]:
     """What the simulator serves, as the client parses it (non-integers as Decimal)."""
-    period = report_period(catalog.report(name), period_key(name), subsidiary)
+    period = report_period(catalog.report(name), period_key(name, today), subsidiary)
     world = server.sandbox.world
     with world.store.lock:
         body = BUILDERS[name](world.ledger, period.params())
@@ -140,8 +147,8 @@ def statement_accounts(body: dict[str, Any]) -> dict[tuple[str, str, str], Decim
     return found
 
 
-def test_report_assets_are_partitioned_by_period_and_subsidiary() -> None:
-    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": START}))
+def test_report_assets_are_partitioned_by_period_and_subsidiary(today: date) -> None:
+    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": first_day(today)}))
     for name in SNAPSHOT_REPORTS:
         (assets_def,) = report_assets(defs, (name,))
         key = report_asset_key(name)
@@ -189,7 +196,7 @@ def test_report_periods_follow_the_documented_conventions() -> None:
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
 def test_report_rows_equal_the_simulator_responses_exactly(
-    sandbox: SandboxServer, tmp_path: Path, backend: str
+    sandbox: SandboxServer, tmp_path: Path, backend: str, today: date
 ) -> None:
     warehouse_url = (
         f"sqlite:///{tmp_path}/warehouse.db"
@@ -197,18 +204,18 @@ def test_report_rows_equal_the_simulator_responses_exactly(
         else postgres_url(f"reports_{tmp_path.name}")
     )
     defs = build_definitions(
-        report_settings(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db")
+        report_settings(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db", today)
     )
     subsidiaries = subsidiary_keys(sandbox)
     with dg.DagsterInstance.ephemeral() as instance:
-        materialize_reports(defs, instance, subsidiaries)
+        materialize_reports(defs, instance, subsidiaries, today)
     engine = make_engine(warehouse_url)
     try:
         for name in SNAPSHOT_REPORTS:
             for subsidiary in subsidiaries:
-                period = report_period(catalog.report(name), period_key(name), subsidiary)
+                period = report_period(catalog.report(name), period_key(name, today), subsidiary)
                 key = period.key(name)
-                expected = expected_response(sandbox, name, subsidiary)
+                expected = expected_response(sandbox, name, subsidiary, today)
                 lines = store.read_lines(engine, key)
                 label = (name, subsidiary)
                 assert lines, label
@@ -252,9 +259,9 @@ def test_report_rows_equal_the_simulator_responses_exactly(
         # The consolidated partition calls Rillet without subsidiary_id: reporting currency.
         tb = store.read_lines(
             engine,
-            report_period(catalog.report("trial_balance"), YESTERDAY.isoformat(), CONSOLIDATED).key(
-                "trial_balance"
-            ),
+            report_period(
+                catalog.report("trial_balance"), period_key("trial_balance", today), CONSOLIDATED
+            ).key("trial_balance"),
         )
         assert {line["currency"] for line in tb} == {"USD"}
         assert all(line["subsidiary_id"] is None for line in tb)
@@ -304,8 +311,8 @@ def test_a_partition_is_replaced_atomically(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_models_are_warehouse_assets_with_their_checks() -> None:
-    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": START}))
+def test_models_are_warehouse_assets_with_their_checks(today: date) -> None:
+    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": first_day(today)}))
     graph = defs.get_repository_def().asset_graph
     models = {
         "ledger/general_ledger",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -37,9 +37,6 @@ from rillet_dagster.warehouse.schema import make_engine, table_for
 from tests.pg import postgres_url
 
 KEY = "checks-key-0123456789"
-TODAY = datetime.now(UTC).date()
-YESTERDAY = TODAY - timedelta(days=1)
-START = (TODAY - timedelta(days=3)).isoformat()
 
 
 @dataclass
@@ -51,6 +48,7 @@ class Synced:
     subsidiaries: list[str]
     closed_month: str
     evaluations: list[dg.AssetCheckEvaluation]
+    yesterday: date  # the daily trial balance's day: the last complete day when synced
 
 
 def entity_assets(defs: dg.Definitions) -> list[dg.AssetsDefinition]:
@@ -100,6 +98,9 @@ def synced(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Synced]:
     tmp = tmp_path_factory.mktemp("checks")
+    # Read here, not at import: the module's data and its daily partitions share this one day.
+    today = datetime.now(UTC).date()
+    yesterday = today - timedelta(days=1)
     warehouse_url = (
         f"sqlite:///{tmp}/warehouse.db"
         if request.param == "sqlite"
@@ -115,7 +116,7 @@ def synced(
             "RILLET_WAREHOUSE_URL": warehouse_url,
             "RILLET_STATE_URL": f"sqlite:///{tmp}/state.db",
             "RILLET_RATE_LIMIT": "1000000/60",
-            "RILLET_START_DATE": START,
+            "RILLET_START_DATE": (today - timedelta(days=3)).isoformat(),
         }
     )
     defs = build_definitions(settings)
@@ -128,7 +129,7 @@ def synced(
         )
         subsidiaries = sorted(instance.get_dynamic_partitions(SUBSIDIARY_PARTITIONS_NAME))
         engine = make_engine(warehouse_url)
-        synced = Synced(server, defs, instance, engine, subsidiaries, "", [])
+        synced = Synced(server, defs, instance, engine, subsidiaries, "", [], yesterday)
         # The month-end pack, exactly as the period-close sensor requests it.
         close = tick(defs, instance, "rillet_period_close")
         synced.closed_month = close.cursor or ""
@@ -136,7 +137,7 @@ def synced(
             run_job(synced, request.job_name or "", request.partition_key or "")
         for subsidiary in subsidiaries:
             run_job(
-                synced, DAILY_TRIAL_BALANCE_JOB, partition_key(YESTERDAY.isoformat(), subsidiary)
+                synced, DAILY_TRIAL_BALANCE_JOB, partition_key(yesterday.isoformat(), subsidiary)
             )
         result = dg.materialize(
             [
@@ -214,7 +215,7 @@ def test_a_corrupted_warehouse_amount_fails_reconciliation_naming_account_and_di
             .join(accounts, accounts.c.id == items.c.account_id)
             .where(
                 entries.c.subsidiary_id == subsidiary,
-                entries.c.date <= YESTERDAY,
+                entries.c.date <= synced.yesterday,
                 entries.c.deleted_at.is_(None),
             )
             .order_by(entries.c.date.desc())
@@ -225,7 +226,9 @@ def test_a_corrupted_warehouse_amount_fails_reconciliation_naming_account_and_di
         conn.execute(sa.update(items).where(where).values(amount=victim.amount + Decimal("0.01")))
     try:
         result = run_job(
-            synced, DAILY_TRIAL_BALANCE_JOB, partition_key(YESTERDAY.isoformat(), subsidiary)
+            synced,
+            DAILY_TRIAL_BALANCE_JOB,
+            partition_key(synced.yesterday.isoformat(), subsidiary),
         )
         by_name = {e.check_name: e for e in result.get_asset_check_evaluations()}
         reconciliation = by_name["ledger_reproduces_trial_balance"]
@@ -246,9 +249,9 @@ def test_a_corrupted_warehouse_amount_fails_reconciliation_naming_account_and_di
 
 
 def test_an_unbalanced_report_fails_its_blocking_checks(synced: Synced) -> None:
-    key = report_period(catalog.report("trial_balance"), YESTERDAY.isoformat(), CONSOLIDATED).key(
-        "trial_balance"
-    )
+    key = report_period(
+        catalog.report("trial_balance"), synced.yesterday.isoformat(), CONSOLIDATED
+    ).key("trial_balance")
     lines = store.read_lines(synced.engine, key)
     debit = next(r for r in lines if r["line_type"] == "total" and r["measure"] == "debit_total")
     account = next(
@@ -271,7 +274,9 @@ def test_an_unbalanced_report_fails_its_blocking_checks(synced: Synced) -> None:
     assert f"account {account['account_code']} " in rolled.problems[0]
     assert "difference -5.00" in rolled.problems[0]
     # Undo: the partition is simply taken again.
-    run_job(synced, DAILY_TRIAL_BALANCE_JOB, partition_key(YESTERDAY.isoformat(), CONSOLIDATED))
+    run_job(
+        synced, DAILY_TRIAL_BALANCE_JOB, partition_key(synced.yesterday.isoformat(), CONSOLIDATED)
+    )
     assert not checks.debits_equal_credits(synced.engine, key).problems
 
 

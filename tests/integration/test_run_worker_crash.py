@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -30,8 +30,6 @@ from tests.run_processes import (
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "worker-crash-key-0123456789"
 POLL_SECONDS = 3  # run_monitoring.poll_interval_seconds for this test (30 s in dagster.yaml)
-TODAY = datetime.now(UTC).date()
-START = (TODAY - timedelta(days=1)).isoformat()
 CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
 
 # Serial: the matrix bounds the time to mark the killed run failed (2 x the poll interval).
@@ -55,10 +53,11 @@ def worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
 
 
 def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
-    server: SandboxServer, tmp_path: Path
+    server: SandboxServer, tmp_path: Path, today: date
 ) -> None:
+    start = (today - timedelta(days=1)).isoformat()
     home = instance_home(tmp_path, poll_interval_seconds=POLL_SECONDS)
-    env = process_env(tmp_path, home, server, KEY, START)
+    env = process_env(tmp_path, home, server, KEY, start)
     # Slow responses keep the run busy long enough to be killed in the middle.
     httpx.put(
         f"{server.base_url}/_sandbox/faults", json={"latency_min_ms": 20, "latency_max_ms": 40}
@@ -73,8 +72,8 @@ def test_d1_a_killed_run_worker_is_failed_and_retried_to_the_same_result(
     )
     try:
         tags = {
-            "dagster/asset_partition_range_start": START,
-            "dagster/asset_partition_range_end": TODAY.isoformat(),
+            "dagster/asset_partition_range_start": start,
+            "dagster/asset_partition_range_end": today.isoformat(),
         }
         launch = subprocess.run(
             [

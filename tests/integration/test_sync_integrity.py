@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,9 @@ from rillet_dagster.warehouse import load
 from rillet_dagster.warehouse.load import get_watermark, read_records
 from rillet_dagster.warehouse.schema import ensure_schema, make_engine, table_for
 from tests.pg import ADMIN_URL, postgres_url
+from tests.warehouse_compare import assert_warehouse_equals_sandbox
 
 KEY = "integrity-key-0123456789"
-TODAY = datetime.now(UTC).date()
-START = (TODAY - timedelta(days=2)).isoformat()
 EVERYTHING = Window(start=None, end=None, full=True)
 log = logging.getLogger(__name__)
 
@@ -86,14 +85,9 @@ def run_sync(
 
 
 def assert_matches(server: SandboxServer, engine: sa.Engine, entity: str) -> None:
-    """0 lost, 0 duplicated, every field (money included) equal: the full records both ways."""
-    expected = truth(server, entity)
-    loaded = read_records(engine, entity)
-    ids = [r["id"] for r in loaded]
-    assert len(ids) == len(set(ids)), "duplicate rows"
-    assert set(ids) == set(expected), (set(expected) - set(ids), set(ids) - set(expected))
-    for record in loaded:
-        assert record == expected[record["id"]], record["id"]
+    """0 lost, 0 duplicated, every column of the header and child tables equal (money as exact
+    Decimal), records the sandbox deleted never live (see tests/warehouse_compare.py)."""
+    assert_warehouse_equals_sandbox(server, engine, (entity,))
 
 
 def newest_committed(engine: sa.Engine, entity: str) -> datetime | None:
@@ -297,6 +291,7 @@ def test_s8_deletes_are_inferred_only_from_a_complete_pass(
 
     assert marked() == set()  # a partial pass proves nothing
     run_sync(server, engine, "journal_entry")
+    assert_matches(server, engine, "journal_entry")  # the deleted ones never live
     assert marked() == gone  # exactly the deleted ids
     engine.dispose()
 
@@ -306,16 +301,16 @@ def test_s8_deletes_are_inferred_only_from_a_complete_pass(
 
 @pytest.mark.parametrize("variant", ["silent-restart", "explicit-error"])
 def test_s3_cursor_expiring_mid_pass_through_the_asset(
-    server: SandboxServer, tmp_path: Path, variant: str
+    server: SandboxServer, tmp_path: Path, variant: str, today: date
 ) -> None:
     faults = {"expire_cursor_after": 4, "cursor_error": int(variant == "explicit-error")}
     assert httpx.put(f"{server.base_url}/_sandbox/faults", json=faults).status_code == 200
     url = f"sqlite:///{tmp_path}/w.db"
-    defs = build_definitions(settings_for(server, url, tmp_path))
+    defs = build_definitions(settings_for(server, url, tmp_path, today))
     asset = assets_for(defs, "journal_entries")
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
-            [asset], resources=defs.resources, instance=instance, tags=all_days()
+            [asset], resources=defs.resources, instance=instance, tags=all_days(today)
         )
         assert result.success
         metadata = latest_metadata(instance, "journal_entries")
@@ -331,10 +326,10 @@ def test_s3_cursor_expiring_mid_pass_through_the_asset(
 
 
 def test_s4_a_record_changed_during_a_pass_is_caught_by_the_next_run(
-    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, today: date
 ) -> None:
     url = f"sqlite:///{tmp_path}/w.db"
-    defs = build_definitions(settings_for(server, url, tmp_path))
+    defs = build_definitions(settings_for(server, url, tmp_path, today))
     asset = assets_for(defs, "journal_entries")
     changes = activity(server, seed=9)
     for _ in range(3):
@@ -349,22 +344,22 @@ def test_s4_a_record_changed_during_a_pass_is_caught_by_the_next_run(
             changed.append(changes.new_journal_entry())
         return answer
 
-    today = TODAY.isoformat()
+    partition = today.isoformat()
     with dg.DagsterInstance.ephemeral() as instance:
         everything = dg.materialize(
-            [asset], resources=defs.resources, instance=instance, tags=all_days()
+            [asset], resources=defs.resources, instance=instance, tags=all_days(today)
         )
         assert everything.success
         monkeypatch.setattr(RilletClient, "get_page", get_page_then_change)
         first = dg.materialize(
-            [asset], resources=defs.resources, instance=instance, partition_key=today
+            [asset], resources=defs.resources, instance=instance, partition_key=partition
         )
         monkeypatch.setattr(RilletClient, "get_page", fetch)
         assert first.success and changed
         engine = make_engine(url)
         assert len(read_records(engine, "journal_entry")) < len(truth(server, "journal_entry"))
         second = dg.materialize(
-            [asset], resources=defs.resources, instance=instance, partition_key=today
+            [asset], resources=defs.resources, instance=instance, partition_key=partition
         )
         assert second.success
     assert_matches(server, engine, "journal_entry")
@@ -373,7 +368,7 @@ def test_s4_a_record_changed_during_a_pass_is_caught_by_the_next_run(
 
 
 def test_s11_sequential_incremental_reads_and_a_future_window(
-    server: SandboxServer, tmp_path: Path
+    server: SandboxServer, tmp_path: Path, today: date
 ) -> None:
     engine = warehouse(f"sqlite:///{tmp_path}/w.db")
     run_sync(server, engine, "customer")
@@ -392,7 +387,7 @@ def test_s11_sequential_incremental_reads_and_a_future_window(
     stats = run_sync(server, engine, "customer", Window(start=since, end=None, full=False))
     assert stats.records == len(second)
     assert_matches(server, engine, "customer")
-    tomorrow = datetime.combine(TODAY + timedelta(days=1), datetime.min.time(), UTC)
+    tomorrow = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
     stats = run_sync(server, engine, "customer", Window(start=tomorrow, end=None, full=False))
     assert (stats.records, stats.requests) == (0, 1)
     assert_watermark_not_ahead(engine, "customer")
@@ -406,7 +401,7 @@ def test_s11_sequential_incremental_reads_and_a_future_window(
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
 def test_s13_two_runs_of_the_same_entity_at_once(
-    server: SandboxServer, tmp_path: Path, backend: str
+    server: SandboxServer, tmp_path: Path, backend: str, today: date
 ) -> None:
     """Two run processes (as two launched runs are) load the same entity into one warehouse."""
     url = f"sqlite:///{tmp_path}/w.db" if backend == "sqlite" else postgres_url(tmp_path.name)
@@ -417,7 +412,7 @@ def test_s13_two_runs_of_the_same_entity_at_once(
         "RILLET_WAREHOUSE_URL": url,
         "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
         "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
+        "RILLET_START_DATE": first_day(today),
     }
     command = [
         str(Path(sys.executable).with_name("dagster")),
@@ -428,7 +423,7 @@ def test_s13_two_runs_of_the_same_entity_at_once(
         "--select",
         "rillet/invoices,rillet/invoice_items",
         "--partition-range",
-        f"{START}...{TODAY.isoformat()}",
+        f"{first_day(today)}...{today.isoformat()}",
     ]
     homes = [tmp_path / f"home{n}" for n in range(2)]  # the runs share the warehouse only
     for home in homes:
@@ -459,11 +454,11 @@ def test_s13_two_runs_of_the_same_entity_at_once(
 
 @pytest.mark.postgres
 def test_s15_postgres_restarted_mid_run_is_retried_and_no_half_batch_shows(
-    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, today: date
 ) -> None:
     url = postgres_url(tmp_path.name)
     database = sa.make_url(url).database
-    settings = settings_for(server, url, tmp_path)
+    settings = settings_for(server, url, tmp_path, today)
     spec = catalog.entity("journal_entry")
     asset = entities.entity_asset(
         spec,
@@ -498,7 +493,7 @@ def test_s15_postgres_restarted_mid_run_is_retried_and_no_half_batch_shows(
             [asset],
             resources=defs.resources,
             instance=instance,
-            tags=all_days(),
+            tags=all_days(today),
             raise_on_error=False,
         )
         assert result.success
@@ -527,7 +522,14 @@ def count_rows(url: str, entity: str) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
-def settings_for(server: SandboxServer, warehouse_url: str, tmp_path: Path) -> Settings:
+def first_day(today: date) -> str:
+    """The first daily partition: two days before the test's ``today`` (the fixture)."""
+    return (today - timedelta(days=2)).isoformat()
+
+
+def settings_for(
+    server: SandboxServer, warehouse_url: str, tmp_path: Path, today: date
+) -> Settings:
     os.environ["RILLET_API_KEY"] = KEY
     return Settings.from_env(
         {
@@ -536,7 +538,7 @@ def settings_for(server: SandboxServer, warehouse_url: str, tmp_path: Path) -> S
             "RILLET_WAREHOUSE_URL": warehouse_url,
             "RILLET_STATE_URL": f"sqlite:///{tmp_path}/state.db",
             "RILLET_RATE_LIMIT": "1000000/60",
-            "RILLET_START_DATE": START,
+            "RILLET_START_DATE": first_day(today),
         }
     )
 
@@ -546,10 +548,10 @@ def assets_for(defs: dg.Definitions, table: str) -> dg.AssetsDefinition:
     return next(a for a in defs.assets or [] if key in a.keys)  # type: ignore[union-attr,return-value]
 
 
-def all_days() -> dict[str, str]:
+def all_days(today: date) -> dict[str, str]:
     return {
-        "dagster/asset_partition_range_start": START,
-        "dagster/asset_partition_range_end": TODAY.isoformat(),
+        "dagster/asset_partition_range_start": first_day(today),
+        "dagster/asset_partition_range_end": today.isoformat(),
     }
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
+import subprocess
+import sys
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -956,45 +958,85 @@ def test_ensure_schema_adds_a_new_catalog_field_and_is_idempotent(
 
 
 def test_ensure_schema_from_two_processes_at_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'race.db'}"
-    _race_ensure_schema([make_engine(url) for _ in range(4)])
+    _race_ensure_schema(f"sqlite:///{tmp_path / 'race.db'}", "", tmp_path)
 
 
 @pytest.mark.postgres
-def test_ensure_schema_from_two_processes_at_once_on_postgres(
-    fresh_postgres_engine: sa.Engine,
-) -> None:
-    with fresh_postgres_engine.begin() as conn:
-        schema = conn.exec_driver_sql("SELECT current_schema()").scalar()
-        for table in reversed(build_metadata().sorted_tables):
-            conn.execute(sa.schema.DropTable(table))
-    engines = [
-        make_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={schema}"})
-        for _ in range(4)
+def test_ensure_schema_from_two_processes_at_once_on_postgres(tmp_path: Path) -> None:
+    require_postgres()
+    schema = f"wh_race_{uuid.uuid4().hex[:16]}"  # empty: the processes create every table
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        _race_ensure_schema(POSTGRES_URL, schema, tmp_path)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+# One of the two processes: connected and imported before the start line (the race is in the
+# DDL, not in Python's start-up), it waits for the "go" file, then prints what it changed and
+# when it ran.
+_ENSURE_SCHEMA_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from rillet_dagster.warehouse.schema import ensure_schema, make_engine
+url, search_path, folder, name = sys.argv[1:]
+options = {"connect_args": {"options": f"-csearch_path={search_path}"}} if search_path else {}
+engine = make_engine(url, **options)
+with engine.connect():
+    pass
+Path(folder, name).touch()
+go, deadline = Path(folder, "go"), time.monotonic() + 60
+while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit("no go file within 60 s")
+    time.sleep(0.0005)
+started = time.time()
+changes = ensure_schema(engine)
+print(json.dumps({"changes": changes, "started": started, "ended": time.time()}))
+"""
+
+
+def _race_ensure_schema(url: str, search_path: str, folder: Path) -> None:
+    """Two real processes (as two runs starting at once are) create one empty warehouse's schema:
+    both succeed, and every table and index is created once, by one of them."""
+    names = ("first", "second")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ENSURE_SCHEMA_PROCESS, url, search_path, str(folder), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
     ]
-    _race_ensure_schema(engines)
-
-
-def _race_ensure_schema(engines: list[sa.Engine]) -> None:
-    barrier = threading.Barrier(len(engines))
-    changes: list[list[str]] = []
-    errors: list[BaseException] = []
-
-    def run(engine: sa.Engine) -> None:
-        try:
-            barrier.wait()
-            changes.append(ensure_schema(engine))
-        except BaseException as error:  # reported below, from the main thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    created = [c for change in changes for c in change if c.startswith("created table")]
-    assert sorted(created) == sorted(f"created table {t}" for t in build_metadata().tables)
-    assert ensure_schema(engines[0]) == []
-    for engine in engines:
+    try:
+        deadline = time.monotonic() + 60
+        while not all((folder / name).exists() for name in names):
+            assert all(p.poll() is None for p in processes), "a process ended before the start"
+            assert time.monotonic() < deadline, "the processes did not get ready"
+            time.sleep(0.005)
+        (folder / "go").touch()
+        outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert [p.returncode for p in processes] == [0, 0], [err[-3000:] for _, err in outputs]
+    reports = [json.loads(out) for out, _ in outputs]
+    # They ran at the same time: each started before the other had finished.
+    assert max(r["started"] for r in reports) < min(r["ended"] for r in reports)
+    metadata = build_metadata()
+    expected = [f"created table {name}" for name in metadata.tables]
+    expected += [f"created index {i.name}" for t in metadata.tables.values() for i in t.indexes]
+    made = [change for report in reports for change in report["changes"]]
+    assert sorted(made) == sorted(expected)  # complete, and nothing done twice
+    options = {"connect_args": {"options": f"-csearch_path={search_path}"}} if search_path else {}
+    engine = make_engine(url, **options)
+    try:
+        assert ensure_schema(engine) == []
+    finally:
         engine.dispose()

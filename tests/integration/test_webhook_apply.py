@@ -6,22 +6,36 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import threading
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.scheduler.instigation import InstigatorTick, TickStatus
+from dagster._core.test_utils import create_test_daemon_workspace_context
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+from dagster._daemon import sensor as sensor_daemon
 
 from rillet_dagster import catalog
+from rillet_dagster.assets import entities as entities_module
 from rillet_dagster.assets import events as events_module
 from rillet_dagster.assets.entities import build_entity_assets
 from rillet_dagster.assets.sync import Window, sync_entity
 from rillet_dagster.automation import webhook_sensor as webhook_sensor_module
-from rillet_dagster.automation.webhook_sensor import ENTITIES_TAG, webhook_job, webhook_sensor
+from rillet_dagster.automation.webhook_sensor import (
+    ENTITIES_TAG,
+    SENSOR_NAME,
+    webhook_job,
+    webhook_sensor,
+)
 from rillet_dagster.clock import isoformat_z
 from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.rillet.client import RilletClient
@@ -445,3 +459,209 @@ def test_q4_a_backlog_drains_in_one_run_per_entity(
     assert len(drained) == 10  # the drain is logged batch by batch, in the run's own log
     rows = warehouse_rows(urls, "customer")
     assert {r["id"] for r in customers} == set(rows)
+
+
+# ----------------------------------------------------------------------------- Q1: the daemon
+
+# The code location the sensor daemon evaluates: the webhook sensor and job over this test's
+# sandbox and databases. Loaded in this process, so that the test can hold a run half-way.
+Q1_LOCATION = """
+import dagster as dg
+from rillet_dagster.assets.entities import build_entity_assets
+from rillet_dagster.automation.webhook_sensor import webhook_job, webhook_sensor
+from rillet_dagster.resources import RilletResource, WarehouseResource
+from rillet_dagster.settings import Settings
+
+assets = build_entity_assets(Settings.from_env({{"RILLET_START_DATE": {start!r}}}))
+job = webhook_job(assets)
+defs = dg.Definitions(
+    assets=assets,
+    jobs=[job],
+    sensors=[webhook_sensor(assets, job, gather_seconds=0)],
+    resources={{
+        "rillet": RilletResource(
+            base_url={base_url!r},
+            api_key={key!r},
+            state_url={state_url!r},
+            rate_limit_requests=1_000_000,
+        ),
+        "warehouse": WarehouseResource(url={warehouse_url!r}),
+    }},
+)
+"""
+
+
+class Daemon:
+    """Ticks of the sensor daemon: Dagster's own tick loop (``execute_sensor_iteration``, what
+    ``dagster-daemon`` runs), with its crash hooks, against a real instance."""
+
+    def __init__(self, workspace: WorkspaceProcessContext) -> None:
+        self.workspace = workspace
+        self.instance = workspace.instance
+
+    def tick(self, crash_after_launch: Exception | None = None) -> InstigatorTick:
+        flags = {SENSOR_NAME: {"RUN_LAUNCHED": crash_after_launch}} if crash_after_launch else None
+        iteration = sensor_daemon.execute_sensor_iteration(
+            self.workspace, log, None, None, debug_crash_flags=flags
+        )
+        list(iteration)  # a generator: it yields to let the daemon heartbeat
+        sensor = next(
+            repository.get_sensor(SENSOR_NAME)
+            for entry in self.workspace.create_request_context()
+            .get_code_location_entries()
+            .values()
+            if entry.code_location
+            for repository in entry.code_location.get_repositories().values()
+        )
+        ticks = self.instance.get_ticks(sensor.get_remote_origin_id(), sensor.selector_id, limit=1)
+        return ticks[0]
+
+    def runs(self) -> list[dg.DagsterRun]:
+        return list(reversed(self.instance.get_runs()))  # oldest first
+
+    def launch(self, run: dg.DagsterRun) -> None:
+        """What the run queue does when the run's turn comes (the launcher runs it here)."""
+        self.instance.launch_run(run.run_id, self.workspace.create_request_context())
+
+
+def applied_by_run(instance: dg.DagsterInstance, run_id: str) -> int:
+    """``webhook_events_applied`` of the run's customer materialization: every event the run
+    took from the queue, an event it found already in the warehouse included."""
+    (entry,) = [
+        e
+        for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        if e.asset_materialization
+        and e.asset_materialization.asset_key == dg.AssetKey(["rillet", "customers"])
+    ]
+    return int(entry.asset_materialization.metadata["webhook_events_applied"].value)  # type: ignore[union-attr,arg-type]
+
+
+def test_q1_a_tick_crashed_after_launch_and_ticks_during_the_run_apply_each_event_once(
+    server: SandboxServer,
+    urls: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    today: date,
+) -> None:
+    """Q1 with Dagster's sensor daemon code and the queued run coordinator of dagster.yaml:
+    a tick that crashes right after launching its run (before the tick is recorded) is retried
+    without a second run; a tick while that run executes asks for the same run_key again, which
+    Dagster does not launch twice; an event arriving after the run read the queue gets a new key
+    and a run of its own; every event is applied once, by one run."""
+    customer = truth(server, "customer")[0]
+    now = datetime.now(UTC)
+    bodies = [
+        {**customer, "name": f"Q1 {n}", "updated_at": stamp(now + timedelta(seconds=n))}
+        for n in range(3)
+    ]
+    first, second = (queue(urls["state"], "CUSTOMER", "UPDATED", b) for b in bodies[:2])
+    location = tmp_path / "q1_location.py"
+    location.write_text(
+        Q1_LOCATION.format(
+            start=(today - timedelta(days=2)).isoformat(),
+            base_url=server.base_url,
+            key=KEY,
+            state_url=urls["state"],
+            warehouse_url=urls["warehouse"],
+        )
+    )
+    # The daemon ticks a sensor at most every minimum_interval_seconds: here, back to back.
+    monkeypatch.setattr(sensor_daemon, "is_under_min_interval", lambda *a, **k: False)
+    # The first run stops twice, until the test lets it go on: when it has read its batch from
+    # the queue (not applied yet), and when it has applied it and found the queue empty (the
+    # step not yet ended). Both outside any transaction, as a slow run would be.
+    holds = {"batch read": threading.Event(), "queue emptied": threading.Event()}
+    go_on = {name: threading.Event() for name in holds}
+
+    def hold(name: str) -> None:
+        if not go_on[name].is_set():
+            holds[name].set()
+            assert go_on[name].wait(60), f"the test never let the run go on ({name})"
+
+    apply_batch: Callable[..., Any] = events_module._apply_isolating
+    sync: Callable[..., Any] = entities_module.sync_entity
+
+    def apply_after_a_hold(*args: Any, **kwargs: Any) -> Any:
+        hold("batch read")
+        return apply_batch(*args, **kwargs)
+
+    def sync_then_hold(*args: Any, **kwargs: Any) -> Any:
+        yield from sync(*args, **kwargs)
+        hold("queue emptied")
+
+    monkeypatch.setattr(events_module, "_apply_isolating", apply_after_a_hold)
+    monkeypatch.setattr(entities_module, "sync_entity", sync_then_hold)
+    overrides = {
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+        },
+        # A launched run executes in this process, where the test can hold it (see hold).
+        "run_launcher": {
+            "module": "dagster._core.launcher.sync_in_memory_run_launcher",
+            "class": "SyncInMemoryRunLauncher",
+        },
+    }
+    target = InProcessWorkspaceLoadTarget(
+        InProcessCodeLocationOrigin(
+            LoadableTargetOrigin(
+                python_file=str(location), attribute="defs", working_directory=str(tmp_path)
+            )
+        )
+    )
+    with (
+        dg.instance_for_test(overrides=overrides) as instance,
+        create_test_daemon_workspace_context(target, instance) as workspace,
+    ):
+        daemon = Daemon(workspace)
+        crashed = daemon.tick(crash_after_launch=RuntimeError("daemon died after the launch"))
+        assert crashed.status == TickStatus.FAILURE
+        (run_1,) = daemon.runs()
+        key_1 = run_1.tags["dagster/run_key"]
+        assert run_1.status == dg.DagsterRunStatus.QUEUED
+        # Dagster retries the crashed tick's request: that run_key has a run already.
+        retried = daemon.tick()
+        assert list(retried.run_keys) == [key_1] and retried.run_ids == []
+        assert [r.run_id for r in daemon.runs()] == [run_1.run_id]
+
+        executing = threading.Thread(target=daemon.launch, args=(run_1,))
+        executing.start()
+        try:
+            assert holds["batch read"].wait(60), "the run never read the queue"
+            # Started, its events still pending: the sensor asks for the same key; no new run.
+            during = daemon.tick()
+            assert list(during.run_keys) == [key_1] and during.run_ids == []
+            assert [r.run_id for r in daemon.runs()] == [run_1.run_id]
+            go_on["batch read"].set()
+            assert holds["queue emptied"].wait(60), "the run never finished its batch"
+            # The run has applied its batch and found the queue empty; a new event arrives.
+            third = queue(urls["state"], "CUSTOMER", "UPDATED", bodies[2])
+            arrived = daemon.tick()
+            (key_2,) = arrived.run_keys
+            assert key_2 != key_1 and len(arrived.run_ids) == 1
+            queued = daemon.tick()  # the new run waits in the queue: nothing asked for again
+            assert list(queued.run_keys) == [] and queued.status == TickStatus.SKIPPED
+        finally:
+            for event in go_on.values():
+                event.set()
+            executing.join(60)
+        run_2 = instance.get_run_by_id(arrived.run_ids[0])
+        assert run_2 is not None and run_2.tags["dagster/run_key"] == key_2
+        daemon.launch(run_2)
+        done = daemon.tick()
+        assert done.status == TickStatus.SKIPPED and done.skip_reason == "no webhook events waiting"
+        runs = daemon.runs()
+        assert [r.run_id for r in runs] == [run_1.run_id, run_2.run_id]
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
+        # Each event was taken from the queue by one run only, and applied by it.
+        assert [applied_by_run(instance, r.run_id) for r in runs] == [2, 1]
+    engine = make_engine(urls["warehouse"])
+    with engine.connect() as connection:
+        ledger = connection.execute(sa.select(applied_events.c.id, applied_events.c.run_id)).all()
+    engine.dispose()
+    assert sorted(ledger) == sorted(
+        [(first, run_1.run_id), (second, run_1.run_id), (third, run_2.run_id)]
+    )
+    counters = statuses(urls["state"])
+    assert (counters["pending"], counters["applied"], counters["quarantined"]) == (0, 3, 0)
+    assert warehouse_rows(urls, "customer")[customer["id"]] == bodies[2]

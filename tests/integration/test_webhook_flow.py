@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,6 @@ from rillet_dagster.warehouse.schema import make_engine
 
 KEY = "webhook-flow-key-0123456789"
 TOKEN = base64.b64encode(b"flow-token-" + bytes(range(21))).decode()
-TODAY = datetime.now(UTC).date()
-START = (TODAY - timedelta(days=2)).isoformat()
 ENTITIES = ("customer", "invoice")
 # Read in the same webhook run: Rillet announces payments only as INVOICE PAYMENT_UPDATED.
 ALONGSIDE = ("invoice_payment",)
@@ -92,12 +90,18 @@ def wait_for_deliveries(server: SandboxServer, state_url: str, timeout: float = 
     return len(records)
 
 
+def first_day(today: date) -> str:
+    """The start date for these tests' partitions: two days before the test's ``today``."""
+    return (today - timedelta(days=2)).isoformat()
+
+
 def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
-    server: SandboxServer, tmp_path: Path
+    server: SandboxServer, tmp_path: Path, today: date
 ) -> None:
+    start = first_day(today)
     state_url = f"sqlite:///{tmp_path}/state.db"
     warehouse_url = f"sqlite:///{tmp_path}/warehouse.db"
-    assets = build_entity_assets(Settings.from_env({"RILLET_START_DATE": START}))
+    assets = build_entity_assets(Settings.from_env({"RILLET_START_DATE": start}))
     resources: dict[str, Any] = {
         "rillet": RilletResource(
             base_url=server.base_url,
@@ -112,8 +116,8 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
         for name in (*ENTITIES, *ALONGSIDE)
     }
     tags = {
-        "dagster/asset_partition_range_start": START,
-        "dagster/asset_partition_range_end": TODAY.isoformat(),
+        "dagster/asset_partition_range_start": start,
+        "dagster/asset_partition_range_end": today.isoformat(),
     }
     with dg.DagsterInstance.ephemeral() as instance:
         for asset in chosen.values():
@@ -156,9 +160,12 @@ def test_changes_flow_from_rillet_to_the_warehouse_through_webhooks(
     engine.dispose()
 
 
-def test_q7_deliveries_rillet_gave_up_on_are_recovered_by_the_backstop(tmp_path: Path) -> None:
+def test_q7_deliveries_rillet_gave_up_on_are_recovered_by_the_backstop(
+    tmp_path: Path, today: date
+) -> None:
     """The receiver is down until Rillet stops retrying: the hourly backstop run recovers every
     change, and the freshness check would have raised the alarm had it not run."""
+    start = first_day(today)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/webhooks/rillet"
@@ -175,7 +182,7 @@ def test_q7_deliveries_rillet_gave_up_on_are_recovered_by_the_backstop(tmp_path:
     try:
         state_url = f"sqlite:///{tmp_path}/state.db"
         warehouse_url = f"sqlite:///{tmp_path}/warehouse.db"
-        settings = Settings.from_env({"RILLET_START_DATE": START})
+        settings = Settings.from_env({"RILLET_START_DATE": start})
         assets = build_entity_assets(settings)
         resources: dict[str, Any] = {
             "rillet": RilletResource(
@@ -188,8 +195,8 @@ def test_q7_deliveries_rillet_gave_up_on_are_recovered_by_the_backstop(tmp_path:
         }
         invoices = next(a for a in assets if a.op.name == "sync_invoice")
         tags = {
-            "dagster/asset_partition_range_start": START,
-            "dagster/asset_partition_range_end": TODAY.isoformat(),
+            "dagster/asset_partition_range_start": start,
+            "dagster/asset_partition_range_end": today.isoformat(),
         }
         with dg.DagsterInstance.ephemeral() as instance:
             assert dg.materialize([invoices], resources=resources, instance=instance, tags=tags)

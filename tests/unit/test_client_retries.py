@@ -71,8 +71,45 @@ def test_five_503s_then_success_with_full_jitter_delays() -> None:
     client = make_client(handler, clock)
     assert client.list_all("account") == [{"id": "a1"}]
     assert len(handler.requests) == 6 and client.stats.retries == 5
+    assert len(clock.slept) == 5  # one sleep before each retry, none after the success
     for attempt, delay in enumerate(clock.slept):
         assert 0 <= delay <= min(POLICY.cap_seconds, POLICY.base_seconds * 2**attempt)
+
+
+def sleeps_of(seed: int, *responses: httpx.Response) -> list[float]:
+    """What one client, seeded ``seed``, slept (on its fake clock) before ``responses``."""
+    clock = FakeClock()
+    client = RilletClient(
+        api_key=KEY,
+        base_url="https://sandbox.api.rillet.com",
+        transport=httpx.MockTransport(Recorder(*responses, PAGE)),
+        clock=clock,
+        retry=POLICY,
+        seed=seed,
+    )
+    assert client.list_all("account") == [{"id": "a1"}]
+    return clock.slept
+
+
+def test_retry_delays_are_full_jitter_within_the_exponential_bound_and_the_cap() -> None:
+    """Over many clients, the delay before retry n is spread over all of [0, min(cap, base*2^n)]
+    (not a fixed wait, not the bound, not stuck at the base), so that clients failed by the same
+    outage come back at different times."""
+    runs = [sleeps_of(seed, *[problem(503)] * 5) for seed in range(200)]
+    assert all(len(slept) == 5 for slept in runs)
+    for retry in range(5):
+        bound = min(POLICY.cap_seconds, POLICY.base_seconds * 2**retry)
+        delays = [slept[retry] for slept in runs]
+        assert all(0 <= d <= bound for d in delays), retry
+        assert min(delays) < 0.1 * bound and max(delays) > 0.9 * bound, retry
+        assert 0.3 < sum(d < bound / 2 for d in delays) / len(delays) < 0.7, retry
+
+
+def test_a_bare_429_waits_the_shared_floor_plus_a_jitter_of_its_own() -> None:
+    waits = [sleeps_of(seed, httpx.Response(429))[0] for seed in range(50)]
+    floor, spread = POLICY.rate_limited_seconds, POLICY.base_seconds
+    assert all(floor <= w <= floor + spread for w in waits)
+    assert max(waits) - min(waits) > spread / 2  # clients released together retry apart
 
 
 def test_attempts_are_bounded() -> None:
