@@ -5,6 +5,7 @@
     python3 run.py test     # set up, then run ruff and the full test suite
     python3 run.py bench    # set up, then run every benchmark in bench/
     python3 run.py setup    # only set up (.venv from uv.lock)
+    python3 run.py audit    # known vulnerabilities in every locked version (pip-audit)
 
 Set-up installs uv (pinned) into .tools/ with pip, then `uv sync --locked` builds .venv from
 uv.lock, so every machine runs exactly the locked dependency set. Re-running is cheap.
@@ -22,6 +23,10 @@ ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / ".tools"
 VENV = ROOT / ".venv"
 UV_VERSION = "0.13.9"
+PIP_AUDIT_VERSION = "2.10.1"
+# Vulnerabilities accepted for a while: id -> (the day the acceptance ends, why). After that day
+# the audit fails again until the dependency is upgraded or the entry renewed with a reason.
+AUDIT_IGNORES: dict[str, tuple[str, str]] = {}
 
 
 def _bin(env_dir: Path, name: str) -> Path:
@@ -56,13 +61,39 @@ def setup() -> None:
     _run(uv, "sync", "--locked", "--quiet", env=env)
 
 
+def audit() -> None:
+    """pip-audit over the exact versions uv.lock pins (runtime and deployment extras), strictly:
+    a package that cannot be looked up fails the audit rather than passing unchecked."""
+    import datetime
+
+    today = datetime.date.today().isoformat()
+    expired = sorted(i for i, (until, _) in AUDIT_IGNORES.items() if until < today)
+    if expired:
+        sys.exit(f"run.py audit: accepted vulnerabilities past their date: {', '.join(expired)}")
+    pip_audit = _bin(TOOLS, "pip-audit")
+    if not pip_audit.exists():
+        _run(_bin(TOOLS, "python"), "-m", "pip", "install", "-q", f"pip-audit=={PIP_AUDIT_VERSION}")
+    pins = TOOLS / "locked-requirements.txt"
+    export = ("export", "--locked", "--no-hashes", "--all-extras", "--no-dev", "--no-emit-project")
+    exported = subprocess.run(
+        [str(_bin(TOOLS, "uv")), *export, "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pins.write_text(exported.stdout)
+    ignores = [arg for vuln in AUDIT_IGNORES for arg in ("--ignore-vuln", vuln)]
+    _run(pip_audit, "-r", pins, "--no-deps", "--disable-pip", "--strict", *ignores)
+
+
 def main(argv: list[str]) -> None:
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
     if command in {"help", "-h", "--help"}:
         print(__doc__)
         return
-    if command not in {"setup", "dev", "test", "bench"}:
-        sys.exit(f"run.py: unknown command {command!r}; use one of: dev, test, bench, setup")
+    if command not in {"setup", "dev", "test", "bench", "audit"}:
+        sys.exit(f"run.py: unknown command {command!r}; use one of: dev, test, bench, setup, audit")
     setup()
     if command == "dev":
         os.execv(_bin(VENV, "rillet-dagster"), ["rillet-dagster", "dev", *rest])
@@ -77,6 +108,8 @@ def main(argv: list[str]) -> None:
         # ~40 % off the suite. Tests that measure time or throughput run alone afterwards.
         _run(*pytest, "-n", "auto", "--maxprocesses", "4", "-m", "not serial", env=_test_env())
         _run(*pytest, "-m", "serial", env=_test_env())
+    elif command == "audit":
+        audit()
     elif command == "bench":
         _run(_bin(VENV, "python"), "-m", "bench", *rest)
 

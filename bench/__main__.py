@@ -14,6 +14,7 @@ from bench import (
     receiver_bench,
     sandbox_bench,
     sync_memory_bench,
+    topology_bench,
     warehouse_bench,
     webhook_latency_bench,
 )
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "webhook-latency": webhook_latency_bench.main,
     "code-location": code_location_bench.main,
     "dev-ready": dev_ready_bench.main,
+    "topology": topology_bench.main,
 }
 
 

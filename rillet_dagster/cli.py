@@ -10,6 +10,8 @@ rillet-dagster receiver [--host 127.0.0.1] [--port 8780] [--state-url URL]
                         [--http httptools|h11]
 rillet-dagster dev [--port 8765] [--ui-port 3000] [--receiver-port 8780] [--seed 7]
                    [--size small] [--activity RATE] [--report-months 1] [--env-file .env]
+rillet-dagster events [list|requeue|discard|purge] ...
+rillet-dagster sync [--ui http://127.0.0.1:3000] [--wait]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from rillet_dagster.events_cli import add_events_parser, run_events
+from rillet_dagster.launch_cli import add_sync_parser, run_sync
 from rillet_dagster.sandbox.data import SIZES, parse_size
 from rillet_dagster.sandbox.faults import parse_faults
 from rillet_dagster.sandbox.server import (
@@ -122,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _receiver_arguments(receiver)
     add_events_parser(commands)
+    add_sync_parser(commands)
     return parser
 
 
@@ -197,7 +201,14 @@ def run_receiver(args: argparse.Namespace) -> None:
     # variables already set win.
     load_dotenv(Path.cwd() / ".env", override=False)
     try:
-        settings = Settings.from_env()
+        # The receiver talks to the state database only: under the production profile its URL
+        # (or --state-url) is checked, not Rillet's or the warehouse's, which its container
+        # need not be given.
+        settings = Settings.from_env(uses=())
+        if args.state_url:
+            settings.check_production((), databases={"--state-url": args.state_url})
+        else:
+            settings.check_production(("state",))
         secrets = parse_webhook_secrets(os.environ.get(args.secrets_env, ""), args.secrets_env)
     except SettingsError as error:
         sys.exit(f"rillet-dagster receiver: {error}")
@@ -310,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_receiver(args)
     elif args.command == "events":
         run_events(args)
+    elif args.command == "sync":
+        run_sync(args)
     elif args.command == "dev":
         from rillet_dagster.dev import run_dev
 

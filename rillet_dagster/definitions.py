@@ -61,6 +61,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 state_url=config_url(settings.state_url, STATE_URL_VAR),
                 rate_limit_requests=settings.rate_limit.requests,
                 rate_limit_window_seconds=settings.rate_limit.window_seconds,
+                tls_verify=settings.tls_verify,
+                ca_bundle=settings.ca_bundle,
             ),
             "warehouse": WarehouseResource(
                 url=config_url(settings.warehouse_url, WAREHOUSE_URL_VAR)

@@ -18,7 +18,12 @@ from rillet_dagster import catalog
 from rillet_dagster.rillet.client import RilletClient
 from rillet_dagster.rillet.errors import DEFAULT_MAX_RETRY_AFTER_SECONDS
 from rillet_dagster.rillet.ratelimit import RateBudget
-from rillet_dagster.settings import API_KEY_VAR, BASE_URL_ALIASES, resolve_base_url
+from rillet_dagster.settings import (
+    API_KEY_VAR,
+    BASE_URL_ALIASES,
+    resolve_base_url,
+    tls_verification,
+)
 from rillet_dagster.warehouse.schema import build_metadata, ensure_schema, make_engine
 
 # The sandbox simulator's default key, accepted only for loopback URLs (the local simulator).
@@ -59,6 +64,17 @@ class RilletResource(dg.ConfigurableResource):
             "budget; a longer or malformed value counts as absent (the client backs off itself)"
         ),
     )
+    tls_verify: bool = Field(
+        default=True,
+        description="Verify Rillet's TLS certificate (RILLET_TLS_VERIFY; production refuses false)",
+    )
+    ca_bundle: str = Field(
+        default="",
+        description=(
+            "PEM file of the certificate authorities trusted for Rillet's certificate instead of "
+            "the default ones (RILLET_CA_BUNDLE); empty: the default trust store"
+        ),
+    )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         ensure_sqlite_directory(self.state_url)
@@ -92,6 +108,7 @@ class RilletResource(dg.ConfigurableResource):
             budget=budget,
             lookback=timedelta(minutes=self.lookback_minutes),
             max_retry_after_seconds=self.max_retry_after_seconds,
+            verify=tls_verification(self.tls_verify, self.ca_bundle),
         )
         try:
             yield client

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import re
+import ssl
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ class RilletClient:
         transport: an httpx transport (tests may inject one).
         max_retry_after_seconds: the longest ``Retry-After`` believed (on 429 and 503); a
             longer or malformed one counts as absent. Give the budget the same bound.
+        verify: TLS certificate verification, as httpx takes it: ``True`` (the default trust
+            store), an ``ssl.SSLContext`` (a private certificate authority) or ``False``
+            (development only; the production profile refuses it). Ignored with ``transport``.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class RilletClient:
         seed: int | None = None,
         max_cursor_restarts: int = 3,
         max_retry_after_seconds: float = DEFAULT_MAX_RETRY_AFTER_SECONDS,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if not api_key or not api_key.strip():
             raise ValueError(
@@ -178,6 +183,7 @@ class RilletClient:
             base_url=self.base_url,
             timeout=timeout,
             transport=transport,
+            verify=verify,
             headers={
                 "Authorization": f"Bearer {api_key.strip()}",
                 "X-Rillet-API-Version": str(api_version),
