@@ -52,7 +52,10 @@ class RilletResource(dg.ConfigurableResource):
     api_key: str = Field(default="", repr=False)
     api_version: int = catalog.DEFAULT_API_VERSION
     timeout_seconds: float = 30.0
-    state_url: str = Field(description="SQLAlchemy URL of the state database (rate budget)")
+    # URLs may hold a password once a run resolves their EnvVar: kept out of repr.
+    state_url: str = Field(
+        description="SQLAlchemy URL of the state database (rate budget)", repr=False
+    )
     rate_limit_requests: int = 60
     rate_limit_window_seconds: float = 60.0
     rate_limit_margin: int = 0
@@ -119,7 +122,7 @@ class RilletResource(dg.ConfigurableResource):
 class WarehouseResource(dg.ConfigurableResource):
     """The SQL warehouse (SQLite file by default, PostgreSQL in production)."""
 
-    url: str = Field(description="SQLAlchemy URL of the warehouse")
+    url: str = Field(description="SQLAlchemy URL of the warehouse", repr=False)
     _engine: Engine | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

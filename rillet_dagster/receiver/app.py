@@ -116,7 +116,7 @@ class ReceiverConfig:
         clock: the time source for the timestamp policy and ``received_at``.
     """
 
-    state_url: str
+    state_url: str = field(repr=False)  # may hold a password
     secrets: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from tests import canary
 from tests.run_processes import (
     assert_warehouse_equals_sandbox,
     instance_home,
@@ -32,7 +33,7 @@ from tests.run_processes import (
     wait_for,
 )
 
-KEY = "cli-kill-key-0123456789"
+KEY = canary.api_key("cli-kill")
 CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
 # The rerun's first step must start within this many seconds of the command: the process
 # start-up and code load (a few seconds, more on a loaded machine), and no wait for a slot.

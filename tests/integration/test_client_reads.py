@@ -26,6 +26,7 @@ from rillet_dagster.rillet.errors import (
 from rillet_dagster.rillet.ratelimit import RateBudget
 from rillet_dagster.sandbox.faults import Faults
 from rillet_dagster.sandbox.server import SandboxServer
+from tests import canary
 from tests.conftest import API_KEY
 
 LISTS = [e for e in catalog.ENTITIES if not e.single and not e.parent]
@@ -161,7 +162,7 @@ def test_watermark_only_after_a_complete_pass(client: RilletClient) -> None:
 def test_wrong_key_fails_once_fast_and_names_the_fix(
     sandbox: SandboxServer, clock: FakeClock
 ) -> None:
-    secret = "wrong-key-must-not-leak-123"
+    secret = canary.api_key("wrong")
     with RilletClient(
         api_key=secret, base_url=sandbox.base_url, clock=clock, retry=FAST_RETRY
     ) as c:
@@ -178,7 +179,7 @@ def test_unreachable_base_url_is_a_clear_error(clock: FakeClock) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    with RilletClient(api_key="k", base_url=url, clock=clock, retry=FAST_RETRY) as c:
+    with RilletClient(api_key=API_KEY, base_url=url, clock=clock, retry=FAST_RETRY) as c:
         with pytest.raises(RilletConnectionError, match="RILLET_BASE_URL"):
             c.get("invoice", "00000000-0000-4000-8000-000000000000")
         assert c.stats.requests == FAST_RETRY.max_attempts

@@ -22,8 +22,10 @@ from rillet_dagster.resources import RilletResource, WarehouseResource
 from rillet_dagster.rillet.errors import RilletConnectionError
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
 from rillet_dagster.settings import Settings
+from tests import canary
 
 ROOT = Path(__file__).resolve().parents[2]
+D2_KEY = canary.api_key("d2")
 
 
 # ----------------------------------------------------------------------------- D2
@@ -76,11 +78,11 @@ def test_d2_transient_failures_are_retried_by_the_policy_with_bounded_delays(
 
     monkeypatch.setattr(entities, "sync_entity", flaky_sync)
     server = SandboxServer(
-        build_sandbox(SandboxOptions(size="tiny", api_keys=("d2-key",), rate_limit=10**6))
+        build_sandbox(SandboxOptions(size="tiny", api_keys=(D2_KEY,), rate_limit=10**6))
     ).start()
     resources = {
         "rillet": RilletResource(
-            base_url=server.base_url, api_key="d2-key", state_url=settings.state_url
+            base_url=server.base_url, api_key=D2_KEY, state_url=settings.state_url
         ),
         "warehouse": WarehouseResource(url=settings.warehouse_url),
     }
@@ -146,8 +148,8 @@ def test_d4_no_step_claims_a_pool_so_no_run_can_hold_one() -> None:
 
 # ----------------------------------------------------------------------------- the UI
 
-CANARY = "canary-GRAPHQL-4b1d0e8a7c"
-PASSWORD_CANARY = "canary-PASSWORD-7e3a91"
+CANARY = canary.api_key("graphql")
+PASSWORD_CANARY = canary.password("graphql")
 WAREHOUSE_WITH_PASSWORD = f"postgresql+psycopg://analyst:{PASSWORD_CANARY}@db.invalid:5432/w"
 STATE_WITH_PASSWORD = f"postgresql+psycopg://dagster:{PASSWORD_CANARY}x@db.invalid:5432/s"
 LOCATION = {"repositoryLocationName": "rillet_dagster", "repositoryName": "__repository__"}

@@ -10,7 +10,6 @@ of them is applied: nothing acknowledged is lost, and the warehouse equals the s
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ import sqlalchemy as sa
 from rillet_dagster import catalog
 from rillet_dagster.sandbox.activity import Activity
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from tests import canary
 from tests.dev_stack import free_port
 from tests.pg import ADMIN_URL, require_postgres
 from tests.topology import (
@@ -51,8 +51,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:gql"),
 ]
 
-KEY = "topology-key-0123456789"
-TOKEN = base64.b64encode(b"topology-token-" + bytes(range(17))).decode()
+KEY = canary.api_key("topology")
+TOKEN = canary.webhook_token("topology")
 ENTITIES = [spec.name for spec in catalog.ENTITIES]
 # What webhooks bring up to date (the reporting view of journal entries has no webhooks: the
 # hourly backstop sync refreshes it).
@@ -70,7 +70,7 @@ class Databases:
         return f"rt_topo_{what}_{self.suffix}"
 
     def password(self, role: str) -> str:
-        return f"pw-{role}-{self.suffix}"
+        return canary.password(f"{role}-{self.suffix}")
 
     def url(self, role: str, database: str, driver: str = "psycopg") -> str:
         admin = sa.engine.make_url(ADMIN_URL)

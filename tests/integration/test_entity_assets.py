@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,17 @@ from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_s
 from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse.load import read_records
 from rillet_dagster.warehouse.schema import make_engine, table_for, table_name
+from tests import canary
 from tests.pg import postgres_url
 from tests.warehouse_compare import assert_warehouse_equals_sandbox
 
-KEY = "assets-key-0123456789"
-# A few daily partitions keep Dagster's per-partition bookkeeping quick; the first partition
-# still takes everything updated before it, so the whole sandbox is read.
-START = (datetime.now(UTC).date() - timedelta(days=3)).isoformat()
+KEY = canary.api_key("assets")
+
+
+def start_of(today: date) -> str:
+    """A few daily partitions keep Dagster's per-partition bookkeeping quick; the first
+    partition still takes everything updated before it, so the whole sandbox is read."""
+    return (today - timedelta(days=3)).isoformat()
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +45,16 @@ def sandbox() -> Iterator[SandboxServer]:
     server.stop()
 
 
-def settings_for(server: SandboxServer, warehouse_url: str, state_url: str) -> Settings:
+def settings_for(
+    server: SandboxServer, warehouse_url: str, state_url: str, today: date
+) -> Settings:
     env = {
         "RILLET_BASE_URL": server.base_url,
         "RILLET_API_KEY": KEY,
         "RILLET_WAREHOUSE_URL": warehouse_url,
         "RILLET_STATE_URL": state_url,
         "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
+        "RILLET_START_DATE": start_of(today),
     }
     os.environ.update({"RILLET_API_KEY": KEY})
     return Settings.from_env(env)
@@ -97,8 +103,8 @@ def check_warehouse_matches(server: SandboxServer, warehouse_url: str) -> None:
     assert_warehouse_equals_sandbox(server, warehouse_url, [spec.name for spec in catalog.ENTITIES])
 
 
-def test_definitions_load_and_snapshot() -> None:
-    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": START}))
+def test_definitions_load_and_snapshot(today: date) -> None:
+    defs = build_definitions(Settings.from_env({"RILLET_START_DATE": start_of(today)}))
     dg.Definitions.validate_loadable(defs)
     snapshot = {}
     for assets_def in entity_assets(defs):
@@ -126,12 +132,13 @@ def test_definitions_load_and_snapshot() -> None:
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
 def test_materializing_every_entity_loads_exactly_the_sandbox(
-    sandbox: SandboxServer, tmp_path: Path, backend: str
+    sandbox: SandboxServer, tmp_path: Path, backend: str, today: date
 ) -> None:
     warehouse_url = (
         f"sqlite:///{tmp_path}/warehouse.db" if backend == "sqlite" else postgres_url(tmp_path.name)
     )
-    defs = build_definitions(settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/state.db"))
+    state_url = f"sqlite:///{tmp_path}/state.db"
+    defs = build_definitions(settings_for(sandbox, warehouse_url, state_url, today))
     with dg.DagsterInstance.ephemeral() as instance:
         materialize_everything(defs, instance)
         check_warehouse_matches(sandbox, warehouse_url)
@@ -145,11 +152,13 @@ def test_materializing_every_entity_loads_exactly_the_sandbox(
         assert metadata["rows_inserted"].value == 0 and metadata["rows_updated"].value == 0
 
 
-def test_missing_api_key_for_a_real_host_fails_at_resource_setup(tmp_path: Path) -> None:
+def test_missing_api_key_for_a_real_host_fails_at_resource_setup(
+    tmp_path: Path, today: date
+) -> None:
     settings = Settings.from_env(
         {
             "RILLET_BASE_URL": "production",
-            "RILLET_START_DATE": START,
+            "RILLET_START_DATE": start_of(today),
             "RILLET_WAREHOUSE_URL": f"sqlite:///{tmp_path}/w.db",
             "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
         }
@@ -164,19 +173,20 @@ def test_missing_api_key_for_a_real_host_fails_at_resource_setup(tmp_path: Path)
 
 
 def test_unreachable_warehouse_fails_clearly_and_records_nothing(
-    sandbox: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sandbox: SandboxServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, today: date
 ) -> None:
-    url = "postgresql+psycopg://nobody:secret@127.0.0.1:1/none"
+    secret = canary.password("unreachable")
+    url = f"postgresql+psycopg://nobody:{secret}@127.0.0.1:1/none"
     # A URL with a password reaches the resource as EnvVar("RILLET_WAREHOUSE_URL").
     monkeypatch.setenv("RILLET_WAREHOUSE_URL", url)
-    defs = build_definitions(settings_for(sandbox, url, f"sqlite:///{tmp_path}/state.db"))
+    defs = build_definitions(settings_for(sandbox, url, f"sqlite:///{tmp_path}/state.db", today))
     products = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "products"]) in a.keys)  # type: ignore[union-attr]
     with dg.DagsterInstance.ephemeral() as instance:
         with pytest.raises(
             dg.DagsterInvariantViolationError, match="RILLET_WAREHOUSE_URL"
         ) as caught:
             dg.materialize([products], resources=defs.resources, instance=instance)
-        assert "secret" not in str(caught.value)
+        assert secret not in str(caught.value)
         assert (
             instance.get_latest_materialization_event(dg.AssetKey(["rillet", "products"])) is None
         )
@@ -201,9 +211,11 @@ def test_dagster_command_line_accepts_the_code_location(command: list[str], tmp_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_90_day_invoice_backfill_costs_one_pass(sandbox: SandboxServer, tmp_path: Path) -> None:
-    today = datetime.now(UTC).date()
-    settings = settings_for(sandbox, f"sqlite:///{tmp_path}/w.db", f"sqlite:///{tmp_path}/s.db")
+def test_a_90_day_invoice_backfill_costs_one_pass(
+    sandbox: SandboxServer, tmp_path: Path, today: date
+) -> None:
+    urls = (f"sqlite:///{tmp_path}/w.db", f"sqlite:///{tmp_path}/s.db")
+    settings = settings_for(sandbox, *urls, today)
     settings = dataclasses.replace(settings, start_date=today - timedelta(days=120))
     defs = build_definitions(settings)
     invoices = next(a for a in defs.assets or [] if dg.AssetKey(["rillet", "invoices"]) in a.keys)  # type: ignore[union-attr]
@@ -231,10 +243,12 @@ def test_a_90_day_invoice_backfill_costs_one_pass(sandbox: SandboxServer, tmp_pa
 
 
 def test_a_record_deleted_in_rillet_is_soft_deleted_by_the_next_full_sync(
-    sandbox: SandboxServer, tmp_path: Path
+    sandbox: SandboxServer, tmp_path: Path, today: date
 ) -> None:
     warehouse_url = f"sqlite:///{tmp_path}/w.db"
-    defs = build_definitions(settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/s.db"))
+    defs = build_definitions(
+        settings_for(sandbox, warehouse_url, f"sqlite:///{tmp_path}/s.db", today)
+    )
     entries = next(
         a for a in defs.assets or [] if dg.AssetKey(["rillet", "journal_entries"]) in a.keys
     )  # type: ignore[union-attr]
@@ -274,9 +288,10 @@ def test_a_record_deleted_in_rillet_is_soft_deleted_by_the_next_full_sync(
     }
 
 
-def test_sync_all_from_the_command_line(sandbox: SandboxServer, tmp_path: Path) -> None:
+def test_sync_all_from_the_command_line(
+    sandbox: SandboxServer, tmp_path: Path, today: date
+) -> None:
     warehouse_url = f"sqlite:///{tmp_path}/w.db"
-    today = datetime.now(UTC).date().isoformat()
     env = {
         **os.environ,
         "RILLET_BASE_URL": sandbox.base_url,
@@ -284,12 +299,12 @@ def test_sync_all_from_the_command_line(sandbox: SandboxServer, tmp_path: Path) 
         "RILLET_WAREHOUSE_URL": warehouse_url,
         "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
         "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
+        "RILLET_START_DATE": start_of(today),
         "DAGSTER_HOME": str(tmp_path),
     }
     tags = {
-        "dagster/asset_partition_range_start": START,
-        "dagster/asset_partition_range_end": today,
+        "dagster/asset_partition_range_start": start_of(today),
+        "dagster/asset_partition_range_end": today.isoformat(),
     }
     command = [
         "job",
@@ -320,28 +335,30 @@ def test_the_api_key_and_database_passwords_never_leak(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     warehouse: str,
+    today: date,
 ) -> None:
     """X1: a canary key, DEBUG logging everywhere (httpx and httpcore included); on PostgreSQL
-    a canary password in the warehouse URL too (trust authentication ignores it)."""
-    canary = "canary-KEY-5f0c2b7e9d"
-    password = "canary-PASSWORD-d41c07"
-    sandbox.sandbox.config.api_keys = frozenset({*sandbox.sandbox.config.api_keys, canary})
+    a canary password in the warehouse URL too (trust authentication ignores it). Read back
+    here from the run's own records; ``tests/canary.py`` watches every test the same way."""
+    key = canary.api_key("x1")
+    password = canary.password("x1")
+    sandbox.sandbox.config.api_keys = frozenset({*sandbox.sandbox.config.api_keys, key})
     warehouse_url = f"sqlite:///{tmp_path}/w.db"
     if warehouse == "postgresql":
         plain = sa.engine.make_url(postgres_url("x1_canary"))
         warehouse_url = plain.set(password=password).render_as_string(hide_password=False)
     env = {
         "RILLET_BASE_URL": sandbox.base_url,
-        "RILLET_API_KEY": canary,
+        "RILLET_API_KEY": key,
         "RILLET_WAREHOUSE_URL": warehouse_url,
         "RILLET_STATE_URL": f"sqlite:///{tmp_path}/s.db",
         "RILLET_RATE_LIMIT": "1000000/60",
-        "RILLET_START_DATE": START,
+        "RILLET_START_DATE": start_of(today),
     }
     # Resources read secrets through EnvVar, that is from the process environment.
-    monkeypatch.setenv("RILLET_API_KEY", canary)
+    monkeypatch.setenv("RILLET_API_KEY", key)
     monkeypatch.setenv("RILLET_WAREHOUSE_URL", warehouse_url)
-    secrets = [canary, password]
+    secrets = [key, password]
     defs = build_definitions(Settings.from_env(env))
     chosen = [
         a
@@ -354,8 +371,8 @@ def test_the_api_key_and_database_passwords_never_leak(
             tags = {}
             if assets_def.partitions_def is not None:  # type: ignore[union-attr]
                 tags = {
-                    "dagster/asset_partition_range_start": START,
-                    "dagster/asset_partition_range_end": datetime.now(UTC).date().isoformat(),
+                    "dagster/asset_partition_range_start": start_of(today),
+                    "dagster/asset_partition_range_end": today.isoformat(),
                 }
             result = dg.materialize(
                 [assets_def], resources=defs.resources, instance=instance, tags=tags

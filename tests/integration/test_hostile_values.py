@@ -35,10 +35,11 @@ from rillet_dagster.warehouse import (
     upsert_records,
 )
 from rillet_dagster.warehouse.types import loads
+from tests import canary
 from tests.pg import postgres_url
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
-KEY = "hostile-key-0123456789"
+KEY = canary.api_key("hostile")
 
 
 @pytest.fixture

@@ -38,13 +38,14 @@ from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_s
 from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import state
 from rillet_dagster.warehouse.reports import LINES_TABLE, SNAPSHOTS_TABLE, ensure_report_schema
+from tests import canary
 from tests.integration.test_receiver import PATH, TOKEN, Delivery, invoice_body, rfc3339
 from tests.pg import ADMIN_URL, require_postgres
 
 pytestmark = pytest.mark.postgres
 
 SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "postgres-roles.sql"
-KEY = "least-privilege-key-0123456789"
+KEY = canary.api_key("least-privilege")
 QUEUE = state.WEBHOOK_EVENTS_TABLE
 PRODUCTS = dg.AssetKey(["rillet", "products"])
 INSUFFICIENT_PRIVILEGE = "42501"

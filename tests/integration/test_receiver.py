@@ -48,10 +48,11 @@ from rillet_dagster.warehouse.state import (
     queue_counters,
     webhook_events,
 )
+from tests import canary
 from tests.pg import ADMIN_URL, postgres_url
 
-TOKEN = base64.b64encode(b"receiver-test-token-0123456789ab").decode()
-OLD_TOKEN = base64.b64encode(b"the-previous-token-0123456789abc").decode()
+TOKEN = canary.webhook_token("receiver")
+OLD_TOKEN = canary.webhook_token("receiver-previous")
 PATH = "/webhooks/rillet"
 
 

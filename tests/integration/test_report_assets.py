@@ -32,9 +32,10 @@ from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import reports as store
 from rillet_dagster.warehouse.schema import make_engine
 from rillet_dagster.warehouse.types import dumps, loads
+from tests import canary
 from tests.pg import postgres_url
 
-KEY = "reports-key-0123456789"
+KEY = canary.api_key("reports")
 BUILDERS = {
     "trial_balance": simulated.trial_balance,
     "balance_sheet": simulated.balance_sheet,

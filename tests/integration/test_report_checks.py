@@ -34,9 +34,10 @@ from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_s
 from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import reports as store
 from rillet_dagster.warehouse.schema import make_engine, table_for
+from tests import canary
 from tests.pg import postgres_url
 
-KEY = "checks-key-0123456789"
+KEY = canary.api_key("checks")
 
 
 @dataclass

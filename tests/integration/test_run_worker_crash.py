@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
+from tests import canary
 from tests.run_processes import (
     assert_warehouse_equals_sandbox,
     instance_home,
@@ -28,7 +29,7 @@ from tests.run_processes import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-KEY = "worker-crash-key-0123456789"
+KEY = canary.api_key("worker-crash")
 POLL_SECONDS = 3  # run_monitoring.poll_interval_seconds for this test (30 s in dagster.yaml)
 CHECKED = ("invoice", "journal_entry", "customer", "bill", "product")
 

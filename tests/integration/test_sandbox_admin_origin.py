@@ -3,7 +3,6 @@ cross-origin requests (403) and bodies that are not JSON (415), over real HTTP."
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +10,9 @@ import httpx
 import pytest
 
 from rillet_dagster.sandbox.server import SandboxServer
+from tests import canary
 
-TOKEN = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+TOKEN = canary.webhook_token("admin-origin")
 HOOK = '{"url": "http://evil.example/hook", "tokens": ["' + TOKEN + '"]}'
 
 

@@ -11,18 +11,26 @@ import pytest
 from rillet_dagster.clock import FakeClock
 from rillet_dagster.sandbox.faults import Faults
 from rillet_dagster.sandbox.server import SandboxServer
+from tests import canary
 from tests.conftest import API_KEY, HEADERS
+
+OTHER_KEY = canary.api_key("other")
+WRONG_KEY = canary.api_key("wrong")
 
 
 def test_missing_or_wrong_key_is_a_401_problem(sandbox: SandboxServer) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}):
+    for headers in (
+        {},
+        {"Authorization": f"Bearer {WRONG_KEY}"},
+        {"Authorization": f"Basic {API_KEY}"},
+    ):
         response = httpx.get(f"{sandbox.base_url}/invoices", headers=headers)
         assert response.status_code == 401
         assert response.headers["content-type"] == "application/problem+json"
         problem = response.json()
         assert problem["type"] == "https://rillet.io/unauthorized"
         assert problem["status"] == 401
-        assert "wrong" not in response.text
+        assert WRONG_KEY not in response.text
 
 
 @pytest.mark.parametrize("version", ["1", "2", "3", "4", None])
@@ -66,16 +74,16 @@ def test_61st_request_in_a_rolling_minute_gets_a_bare_429(
 def test_rate_limit_is_per_key_and_configurable(
     start_sandbox: Callable[..., SandboxServer], clock: FakeClock
 ) -> None:
-    server = start_sandbox(api_keys=(API_KEY, "other-key-0123456789"), rate_limit=3,
+    server = start_sandbox(api_keys=(API_KEY, OTHER_KEY), rate_limit=3,
                            rate_window_seconds=2.0)  # fmt: skip
     url = f"{server.base_url}/accounts"
-    other = {"Authorization": "Bearer other-key-0123456789"}
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
     assert [httpx.get(url, headers=HEADERS).status_code for _ in range(4)] == [200, 200, 200, 429]
     assert httpx.get(url, headers=other).status_code == 200
     clock.advance(2.0)
     assert httpx.get(url, headers=HEADERS).status_code == 200
     stats = httpx.get(f"{server.base_url}/_sandbox/stats").json()
-    mine = stats["keys"]["test..."]
+    mine = stats["keys"][f"{API_KEY[:4]}..."]
     assert mine == {"accepted": 4, "rejected": 1, "max_in_window": 4}
     assert API_KEY not in json.dumps(stats)
 

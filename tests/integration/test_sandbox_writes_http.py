@@ -22,9 +22,10 @@ from rillet_dagster.clock import FakeClock
 from rillet_dagster.rillet.money import Money
 from rillet_dagster.sandbox.faults import Faults
 from rillet_dagster.sandbox.server import SandboxServer
+from tests import canary
 from tests.conftest import HEADERS
 
-TOKEN = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+TOKEN = canary.webhook_token("sandbox-writes")
 
 
 def journal_entry(
@@ -214,7 +215,7 @@ def test_writes_deliver_signed_webhooks(
     api: httpx.Client, sandbox: SandboxServer, receiver: tuple[str, list]
 ) -> None:
     url, received = receiver
-    other = base64.b64encode(b"another-token-of-32-bytes-length").decode()
+    other = canary.webhook_token("sandbox-writes-other")
     admin = httpx.post(
         f"{sandbox.base_url}/_sandbox/webhooks", json={"url": url, "tokens": [TOKEN, other]}
     )

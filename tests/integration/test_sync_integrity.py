@@ -38,6 +38,7 @@ from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import load
 from rillet_dagster.warehouse.load import get_watermark, read_records
 from rillet_dagster.warehouse.schema import WATERMARKS_TABLE, ensure_schema, make_engine, table_for
+from tests import canary
 from tests.crash_inject import Job, KillServer, Outcome, Point
 from tests.pg import postgres_url
 from tests.pg_cluster import PrivateCluster, private_postgres_fixture  # noqa: F401
@@ -48,7 +49,7 @@ from tests.warehouse_compare import (
     sandbox_truth,
 )
 
-KEY = "integrity-key-0123456789"
+KEY = canary.api_key("integrity")
 EVERYTHING = Window(start=None, end=None, full=True)
 log = logging.getLogger(__name__)
 

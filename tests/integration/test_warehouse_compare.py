@@ -19,10 +19,11 @@ from rillet_dagster.assets.sync import Window, sync_entity
 from rillet_dagster.rillet.client import RilletClient
 from rillet_dagster.sandbox.server import SandboxOptions, SandboxServer, build_sandbox
 from rillet_dagster.warehouse.schema import ensure_schema, make_engine, table_for
+from tests import canary
 from tests.pg import postgres_url
 from tests.warehouse_compare import assert_warehouse_equals_sandbox
 
-KEY = "compare-key-0123456789"
+KEY = canary.api_key("compare")
 # Money on headers and lines, lines keyed by id (invoice items) and by index (customer emails),
 # and a soft delete; small tables, so that each check takes a few milliseconds.
 ENTITIES = ("customer", "invoice")

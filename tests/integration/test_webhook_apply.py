@@ -45,8 +45,9 @@ from rillet_dagster.warehouse import state
 from rillet_dagster.warehouse.applied import applied_events
 from rillet_dagster.warehouse.load import read_records
 from rillet_dagster.warehouse.schema import ensure_schema, make_engine, table_for
+from tests import canary
 
-KEY = "webhook-apply-key-0123456789"
+KEY = canary.api_key("webhook-apply")
 EVERYTHING = Window(start=None, end=None, full=True)
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import re
 import socket
@@ -26,10 +27,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rillet_dagster.clock import FakeClock, isoformat_z
-from rillet_dagster.sandbox.webhooks import WebhookConfigError, WebhookDispatcher, generate_token
+from rillet_dagster.sandbox.webhooks import WebhookConfigError, WebhookDispatcher
+from tests import canary
 
 TIME_FACTOR = 0.0005
 UUID_V4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_TOKENS = itertools.count()
+
+
+def canary_token() -> str:
+    """A token of its own for each subscription: a canary, like every secret of the suite."""
+    return canary.webhook_token(f"delivery-{next(_TOKENS)}")
+
+
 RILLET_HEADERS = (
     "x-rillet-signature",
     "x-rillet-timestamp",
@@ -143,7 +153,7 @@ def test_delivery_headers_body_and_signature(
     receiver: Receiver, dispatcher: WebhookDispatcher, clock: FakeClock
 ) -> None:
     url, name = receiver.route()
-    tokens = [generate_token(), generate_token()]
+    tokens = [canary_token(), canary_token()]
     sub = dispatcher.subscribe(url, tokens)
     invoice = {
         "id": "inv_1",
@@ -179,7 +189,7 @@ def test_delivery_headers_body_and_signature(
     assert len(headers["x-rillet-signature"].split(",")) == 2
     for token in tokens:
         assert signature_verifies(token, headers, request.body)
-    assert not signature_verifies(generate_token(), headers, request.body)
+    assert not signature_verifies(canary_token(), headers, request.body)
 
     [record] = dispatcher.deliveries()
     assert record.id == ids[0]
@@ -194,7 +204,7 @@ def test_delete_delivers_bare_json_string(
     receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     url, name = receiver.route()
-    token = generate_token()
+    token = canary_token()
     dispatcher.subscribe(url, [token])
     deleted_id = str(uuid.uuid4())
 
@@ -217,7 +227,7 @@ def test_retries_until_success_keep_id_timestamp_and_signature(
         return 500 if n <= 4 else 204
 
     url, name = receiver.route(first_four_fail)
-    token = generate_token()
+    token = canary_token()
     sub = dispatcher.subscribe(url, [token])
     emitted_at = isoformat_z(clock.now())
 
@@ -247,8 +257,8 @@ def test_always_failing_receiver_exhausts_retries_then_is_disabled(
 ) -> None:
     failing_url, failing = receiver.route(lambda n: 503)
     healthy_url, healthy = receiver.route()
-    bad = dispatcher.subscribe(failing_url, [generate_token()])
-    good = dispatcher.subscribe(healthy_url, [generate_token()])
+    bad = dispatcher.subscribe(failing_url, [canary_token()])
+    good = dispatcher.subscribe(healthy_url, [canary_token()])
 
     for round_no in range(1, 4):
         ids = dispatcher.emit("BILL", "UPDATED", {"id": f"bill_{round_no}"})
@@ -285,7 +295,7 @@ def test_success_resets_the_failure_count(receiver: Receiver, clock: FakeClock) 
     with WebhookDispatcher(
         clock, time_factor=TIME_FACTOR, groups=1, attempts_per_group=2, disable_after=3
     ) as dispatcher:
-        sub = dispatcher.subscribe(url, [generate_token()])
+        sub = dispatcher.subscribe(url, [canary_token()])
 
         def emit_and_count() -> int:
             dispatcher.emit("VENDOR", "CREATED", {"id": "v"})
@@ -305,12 +315,12 @@ def test_success_resets_the_failure_count(receiver: Receiver, clock: FakeClock) 
 
 
 def test_sixth_subscription_refused(receiver: Receiver, dispatcher: WebhookDispatcher) -> None:
-    subs = [dispatcher.subscribe(receiver.route()[0], [generate_token()]) for _ in range(5)]
+    subs = [dispatcher.subscribe(receiver.route()[0], [canary_token()]) for _ in range(5)]
     with pytest.raises(WebhookConfigError, match="at most 5 webhooks per organization"):
-        dispatcher.subscribe(receiver.route()[0], [generate_token()])
+        dispatcher.subscribe(receiver.route()[0], [canary_token()])
     assert len(dispatcher.subscriptions()) == 5
     assert dispatcher.unsubscribe(subs[0].id)
-    dispatcher.subscribe(receiver.route()[0], [generate_token()])
+    dispatcher.subscribe(receiver.route()[0], [canary_token()])
     assert len(dispatcher.subscriptions()) == 5
 
 
@@ -318,10 +328,10 @@ def test_event_filters_and_disabled_subscriptions(
     receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     routes = {key: receiver.route() for key in ("all", "invoice_created", "customer", "off")}
-    dispatcher.subscribe(routes["all"][0], [generate_token()])
-    dispatcher.subscribe(routes["invoice_created"][0], [generate_token()], ["INVOICE.CREATED"])
-    dispatcher.subscribe(routes["customer"][0], [generate_token()], ["CUSTOMER"])
-    off = dispatcher.subscribe(routes["off"][0], [generate_token()])
+    dispatcher.subscribe(routes["all"][0], [canary_token()])
+    dispatcher.subscribe(routes["invoice_created"][0], [canary_token()], ["INVOICE.CREATED"])
+    dispatcher.subscribe(routes["customer"][0], [canary_token()], ["CUSTOMER"])
+    off = dispatcher.subscribe(routes["off"][0], [canary_token()])
     dispatcher.set_enabled(off.id, False)
 
     emitted = [
@@ -356,7 +366,7 @@ def test_unreachable_receiver_records_the_transport_error(
     with WebhookDispatcher(
         clock, time_factor=TIME_FACTOR, groups=1, attempts_per_group=2
     ) as dispatcher:
-        dispatcher.subscribe(f"http://127.0.0.1:{closed_port}/hook", [generate_token()])
+        dispatcher.subscribe(f"http://127.0.0.1:{closed_port}/hook", [canary_token()])
         [delivery_id] = dispatcher.emit("CONTRACT", "UPDATED", {"id": "c_1"})
         assert dispatcher.wait_idle(5)
         record = dispatcher.delivery(delivery_id)
@@ -370,7 +380,7 @@ def test_stop_interrupts_a_backoff_promptly(receiver: Receiver, clock: FakeClock
     url, name = receiver.route(lambda n: 500)
     # Real Rillet timings: after the first failed attempt the next one is 30 s away.
     dispatcher = WebhookDispatcher(clock, attempts_per_group=1, attempt_timeout=5.0)
-    dispatcher.subscribe(url, [generate_token()])
+    dispatcher.subscribe(url, [canary_token()])
     [delivery_id] = dispatcher.emit("JOURNAL_ENTRY", "CREATED", {"id": "je_1"})
     deadline = time.monotonic() + 5
     while not receiver.requests(name):

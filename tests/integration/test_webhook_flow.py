@@ -4,7 +4,6 @@ line with no API request for events that carry the whole object."""
 
 from __future__ import annotations
 
-import base64
 import socket
 import threading
 import time
@@ -30,9 +29,10 @@ from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import state
 from rillet_dagster.warehouse.load import read_records
 from rillet_dagster.warehouse.schema import make_engine
+from tests import canary
 
-KEY = "webhook-flow-key-0123456789"
-TOKEN = base64.b64encode(b"flow-token-" + bytes(range(21))).decode()
+KEY = canary.api_key("webhook-flow")
+TOKEN = canary.webhook_token("webhook-flow")
 ENTITIES = ("customer", "invoice")
 # Read in the same webhook run: Rillet announces payments only as INVOICE PAYMENT_UPDATED.
 ALONGSIDE = ("invoice_payment",)

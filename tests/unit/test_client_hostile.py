@@ -19,7 +19,7 @@ from rillet_dagster.rillet.errors import (
     MalformedResponseError,
     parse_retry_after,
 )
-from tests.unit.test_client_retries import PAGE, POLICY, FakeBudget, Recorder, make_client
+from tests.unit.test_client_retries import KEY, PAGE, POLICY, FakeBudget, Recorder, make_client
 
 UUID = "3f2b8c1e-9d4a-4e6b-8f7c-0a1b2c3d4e5f"
 HOSTILE_IDS = [
@@ -205,7 +205,7 @@ def test_bare_429s_do_not_send_every_process_back_at_the_same_instant() -> None:
     for seed in range(5):
         clock = FakeClock()
         client = RilletClient(
-            api_key="k",
+            api_key=KEY,
             base_url="https://sandbox.api.rillet.com",
             transport=httpx.MockTransport(Recorder(httpx.Response(429), PAGE)),
             clock=clock,
@@ -230,7 +230,7 @@ def test_the_maximum_is_configurable() -> None:
 @pytest.mark.parametrize("maximum", [0, -1, float("inf"), float("nan")])
 def test_a_bad_maximum_is_refused(maximum: float) -> None:
     with pytest.raises(ValueError, match="max_retry_after_seconds"):
-        RilletClient(api_key="k", max_retry_after_seconds=maximum)
+        RilletClient(api_key=KEY, max_retry_after_seconds=maximum)
 
 
 def test_a_503_beyond_the_maximum_falls_back_to_backoff() -> None:

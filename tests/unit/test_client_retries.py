@@ -23,8 +23,9 @@ from rillet_dagster.rillet.errors import (
     UnexpectedStatusError,
     ValidationError,
 )
+from tests import canary
 
-KEY = "canary-key-0123456789abcdef"
+KEY = canary.api_key("retries")
 POLICY = RetryPolicy(max_attempts=6, base_seconds=1.0, cap_seconds=8.0, max_total_seconds=600)
 
 

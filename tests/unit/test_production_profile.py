@@ -9,7 +9,6 @@ certificate of its own).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -26,9 +25,10 @@ import pytest
 from rillet_dagster.rillet.client import RetryPolicy
 from rillet_dagster.rillet.errors import RilletConnectionError
 from rillet_dagster.settings import Settings, SettingsError
+from tests import canary
 
-PASSWORD = "pg-s3cret-pw"
-TOKEN = base64.b64encode(b"production-profile-token-0123456").decode()
+PASSWORD = canary.password("production-profile")
+TOKEN = canary.webhook_token("production-profile")
 VERIFIED = (
     f"postgresql+psycopg://rillet_code:{PASSWORD}@db.example.com:5432/rillet_warehouse"
     "?sslmode=verify-full&sslrootcert=/etc/rillet/pg-ca.crt"

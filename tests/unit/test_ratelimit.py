@@ -23,9 +23,10 @@ from rillet_dagster.rillet.ratelimit import (
     keys_table,
     slots_table,
 )
+from tests import canary
 from tests.pg import require_postgres
 
-SECRET = "rk_live_SECRET-0123456789abcdef"
+SECRET = canary.api_key("ratelimit")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

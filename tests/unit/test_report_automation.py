@@ -26,6 +26,7 @@ from rillet_dagster.rillet.client import RilletClient
 from rillet_dagster.settings import Settings
 from rillet_dagster.warehouse import load
 from rillet_dagster.warehouse.schema import make_engine
+from tests import canary
 
 SUBSIDIARIES = ["1b7c0000-0000-4000-8000-000000000001", "2c8d0000-0000-4000-8000-000000000002"]
 ALL = sorted([*SUBSIDIARIES, CONSOLIDATED])
@@ -51,7 +52,7 @@ class StubRillet(RilletResource):
     @contextmanager
     def client(self) -> Iterator[RilletClient]:
         client = RilletClient(
-            api_key="unit-key",
+            api_key=canary.api_key("report-automation"),
             base_url="http://rillet.test",
             transport=httpx.MockTransport(last_closed),
         )
@@ -117,7 +118,9 @@ def keys_of(data: Any) -> list[str]:
 
 def stub(tmp_path: Path) -> StubRillet:
     return StubRillet(
-        base_url="http://rillet.test", api_key="unit-key", state_url=f"sqlite:///{tmp_path}/s.db"
+        base_url="http://rillet.test",
+        api_key=canary.api_key("report-automation"),
+        state_url=f"sqlite:///{tmp_path}/s.db",
     )
 
 

@@ -34,9 +34,10 @@ from rillet_dagster.rillet.signatures import (
 )
 from rillet_dagster.sandbox.webhooks import encode_body, signature_header
 from rillet_dagster.settings import Settings, SettingsError, parse_webhook_secrets
+from tests import canary
 
-TOKEN = base64.b64encode(bytes(range(32))).decode()
-OTHER = base64.b64encode(bytes(range(100, 132))).decode()
+TOKEN = canary.webhook_token("signatures")
+OTHER = canary.webhook_token("signatures-other")
 TIMESTAMP = "2026-11-28T12:00:00.789Z"
 EVENT_ID = "6f1c8a52-1e0b-4c41-9d5e-3b7f2a9c0d11"
 BODY = b'{"id":"inv_1","total":{"amount":"10.00","currency":"EUR"},"memo":"caf\xc3\xa9"}'
