@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+from dotenv import load_dotenv
 
 from rillet_dagster.automation.jobs import SYNC_ALL
 from rillet_dagster.settings import Settings, SettingsError
@@ -58,6 +61,8 @@ def _client(ui: str) -> DagsterGraphQLClient:
 def run_sync(args: argparse.Namespace) -> None:
     from rillet_dagster.assets.entities import daily_partitions
 
+    # The settings `rillet-dagster dev` wrote for other shells; variables already set win.
+    load_dotenv(Path.cwd() / ".env", override=False)
     try:
         settings = Settings.from_env()
     except SettingsError as error:
@@ -67,6 +72,13 @@ def run_sync(args: argparse.Namespace) -> None:
         sys.exit(f"rillet-dagster sync: RILLET_START_DATE={settings.start_date} is in the future")
     client = _client(args.ui)
     ui = args.ui.rstrip("/")
+    try:
+        httpx.get(f"{ui}/server_info", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        sys.exit(
+            f"rillet-dagster sync: no Dagster webserver answers at {ui} ({error}); start it "
+            "(or the deployment) first, or pass its URL with --ui"
+        )
     try:
         run_id = client.submit_job_execution(
             SYNC_ALL,
